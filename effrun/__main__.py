@@ -1,0 +1,3 @@
+from effrun.cli import main
+
+main()

@@ -1,0 +1,141 @@
+"""What a run leaves on disk: model artifacts, metrics.json, stage.json, summary.json.
+
+Writes are atomic (temp file + rename) so an interrupted run never leaves a torn file behind.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+MODEL_FILE = "model.pt"
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """Yield a temp path beside `path`; rename it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def torch_save(obj: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def write_json(obj: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict[str, str]:
+    import hydra
+    import omegaconf
+    import torchvision
+
+    import effrun
+
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "torchvision": torchvision.__version__, "hydra": hydra.__version__,
+           "omegaconf": omegaconf.__version__, "effrun": effrun.__version__,
+           "platform": platform.platform()}
+    for dist in ("torchao", "torch-pruning"):
+        try:  # metadata only: importing torchao just to read its version costs seconds
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:  # optional libraries
+            pass
+    return out
+
+
+def git_sha() -> str | None:
+    """The commit of the effrun checkout in use, when it is one."""
+    try:
+        src = Path(__file__).resolve().parent
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True,
+                             text=True, timeout=5)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=src, capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def save_model(model: nn.Module, path: Path, *, model_config: dict, num_classes: int,
+               stage: str, extra: dict | None = None) -> Path:
+    """A self-describing checkpoint: weights + what rebuilds the network + where it came from.
+
+    Only tensors and plain containers go in, so it loads with torch.load(weights_only=True).
+    """
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch_save({"format": "effrun.model/1", "stage": stage, "model_config": dict(model_config),
+                "num_classes": int(num_classes), "state_dict": state, "extra": extra or {}},
+               path)
+    return Path(path)
+
+
+def read_model_file(path: Path) -> dict:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"model artifact not found: {path}") from None
+    except Exception as e:
+        raise ValueError(f"cannot load model artifact {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(blob, dict) or blob.get("format") != "effrun.model/1":
+        raise ValueError(f"{path} is not an effrun model artifact (no 'format: effrun.model/1')")
+    return blob
+
+
+# Loaders for artifact formats other than effrun's own .pt, keyed by file suffix.
+# A compression method that saves something else (e.g. a torch.export program) registers here.
+ARTIFACT_LOADERS: dict[str, Any] = {}
+
+
+def load_model(path: Path) -> tuple[nn.Module, dict]:
+    """Rebuild a model from an artifact; returns (model in eval mode, artifact metadata)."""
+    from effrun.models import build_model, load_state_into
+
+    path = Path(path)
+    if path.suffix in ARTIFACT_LOADERS:
+        return ARTIFACT_LOADERS[path.suffix](path)
+    blob = read_model_file(path)
+    model = build_model(blob["model_config"], num_classes=blob["num_classes"])
+    load_state_into(model, blob["state_dict"])
+    meta = {k: v for k, v in blob.items() if k != "state_dict"}
+    return model.eval(), meta

@@ -1,0 +1,168 @@
+"""Typed schemas for the composed config, checked before any compute starts.
+
+Every config group node names a dataclass in `_target_`; that dataclass *is* the group's schema.
+The root keys (stages, train, benchmark, ...) are checked against `RunConfig` below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+# The fixed order in which stages run, whatever order `stages` lists them in.
+STAGE_ORDER = ("train", "prune", "distill", "quantize", "benchmark")
+GROUPS = ("dataset", "model", "optimizer", "augmentation", "hardware")
+COMPRESSION_GROUPS = ("prune", "distill", "quantize")
+TTA_MODES = ("none", "flip")
+
+
+class ConfigError(Exception):
+    """A config problem, reported as one line before any compute starts."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    label_smoothing: float = 0.0
+    ema_decay: Optional[float] = None  # e.g. 0.999; evaluation and artifact use the EMA weights
+    grad_clip_norm: Optional[float] = None
+    tta: str = "none"  # test-time augmentation at evaluation: none | flip
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ValueError(f"train.epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("train.batch_size and train.eval_batch_size must be >= 1")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"train.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
+        if self.tta not in TTA_MODES:
+            raise ValueError(f"train.tta must be one of {TTA_MODES}, got {self.tta!r}")
+
+
+@dataclass
+class BenchmarkConfig:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
+    threads: Optional[list[int]] = None  # null = torch's current thread count
+    warmup: int = 5
+    iters: int = 30
+    min_time_s: float = 0.5  # keep timing past `iters` until this long has passed
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError("benchmark.batch_sizes must be a non-empty list of ints >= 1")
+        if self.threads is not None and (not self.threads or min(self.threads) < 1):
+            raise ValueError("benchmark.threads must be null or a non-empty list of ints >= 1")
+        if self.iters < 1 or self.warmup < 0:
+            raise ValueError("benchmark.iters must be >= 1 and benchmark.warmup >= 0")
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    stages: list[str] = field(default_factory=lambda: ["train", "benchmark"])
+    seed: int = 0
+    init_from: Optional[str] = None  # a model artifact (.pt) to start from instead of random init
+    train: TrainConfig = field(default_factory=TrainConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGE_ORDER]
+        if unknown:
+            raise ValueError(f"stages: unknown stage {unknown[0]!r}; allowed: {list(STAGE_ORDER)}")
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"stages lists a stage twice: {self.stages}")
+        self.stages = [s for s in STAGE_ORDER if s in self.stages]
+
+
+@dataclass
+class Resolved:
+    """The validated config: the root dataclass and one dataclass instance per group."""
+
+    run: RunConfig
+    dataset: Any
+    model: Any
+    optimizer: Any
+    augmentation: Any
+    hardware: Any
+    compression: dict[str, Any]  # "prune" / "distill" / "quantize" -> method instance, when chosen
+    raw: DictConfig
+
+
+def build_node(node: DictConfig, where: str) -> Any:
+    """Check one `_target_` node against its dataclass and return the instance."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        raise ConfigError(f"{where}: expected a config with a _target_, got {node!r}")
+    target = node._target_
+    try:
+        cls = get_class(target)
+    except Exception as e:  # hydra raises a chain of import errors; one line is enough
+        raise ConfigError(f"{where}._target_: cannot import {target!r} ({e.__class__.__name__})")
+    if not dataclasses.is_dataclass(cls):
+        raise ConfigError(f"{where}._target_: {target} is not a config dataclass")
+    values = OmegaConf.to_container(node, resolve=True)
+    values.pop("_target_")
+    return typed(cls, values, where)
+
+
+def typed(cls: type, values: dict, where: str) -> Any:
+    """Merge `values` onto the structured schema of `cls`: unknown keys and wrong types fail."""
+    schema = OmegaConf.structured(cls)
+    try:
+        merged = OmegaConf.merge(schema, values)
+        return OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        allowed = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise ConfigError(f"{where}.{_key(e)}: unknown key for {cls.__name__}; "
+                          f"allowed: {allowed}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}.{_key(e)}: {_first_line(e.msg)}") from None
+    except (ValueError, TypeError) as e:  # __post_init__ range checks
+        raise ConfigError(_first_line(str(e))) from None
+
+
+def validate(cfg: DictConfig) -> Resolved:
+    """Check the whole composed config; raises ConfigError naming the key at fault."""
+    groups = {g: cfg.get(g) for g in GROUPS}
+    for g, node in groups.items():
+        if node is None:
+            raise ConfigError(f"config group {g!r} is missing: choose an option, e.g. {g}=...")
+    root = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+            if k not in GROUPS and k != "compression"}
+    run = typed(RunConfig, root, "config")
+    built = {g: build_node(node, g) for g, node in groups.items()}
+    compression = {}
+    comp_node = cfg.get("compression") or {}
+    for key in comp_node:
+        if key not in COMPRESSION_GROUPS:
+            raise ConfigError(f"compression.{key}: unknown compression group; "
+                              f"allowed: {list(COMPRESSION_GROUPS)}")
+        if comp_node[key] is not None:
+            compression[key] = build_node(comp_node[key], f"compression.{key}")
+    for stage in ("prune", "distill", "quantize"):
+        if stage in run.stages and stage not in compression:
+            raise ConfigError(f"stage {stage!r} is listed but no method is chosen: "
+                              f"set compression/{stage}=<method>")
+    first_model_stage = next((s for s in run.stages if s != "benchmark"), None)
+    if first_model_stage not in (None, "train") and run.init_from is None:
+        raise ConfigError(f"stages start at {first_model_stage!r} without training: "
+                          f"add 'train' to stages or set init_from=<model artifact .pt>")
+    if run.stages == ["benchmark"] and run.init_from is None:
+        raise ConfigError("stages=[benchmark] needs a model: set init_from=<model artifact .pt>")
+    return Resolved(run=run, compression=compression, raw=cfg, **built)
+
+
+def _key(e: OmegaConfBaseException) -> str:
+    return str(getattr(e, "full_key", None) or getattr(e, "key", None) or "?")
+
+
+def _first_line(msg: str) -> str:
+    return msg.strip().splitlines()[0] if msg and msg.strip() else "invalid value"

@@ -1,0 +1,66 @@
+"""summary.json records (one per model-producing stage) and the rich table printed at the end."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def summarize(records, bench: list[dict] | None) -> list[dict]:
+    by_artifact = {b["artifact"]: b for b in bench or []}
+    rows = []
+    for rec in records:
+        b = by_artifact.get(str(rec.artifact), {})
+        row = {"stage": rec.stage, "artifact": str(rec.artifact),
+               "accuracy": b.get("accuracy", rec.metrics.get("accuracy")),
+               "params": b.get("params", rec.metrics.get("params")),
+               "flops": b.get("flops", rec.metrics.get("flops")),
+               "size_bytes": b.get("size_bytes", rec.metrics.get("size_bytes")),
+               "latency_ms_p50_bs1": None, "latency_ms_p50_bs_max": None, "bs_max": None,
+               "throughput_ips": None, "peak_memory_bytes": b.get("peak_memory_bytes")}
+        lat = b.get("latency") or []
+        if lat:
+            threads = lat[0]["threads"]
+            # The headline figure is the compiled one when it was measured, else eager.
+            mode = "compiled" if any(x["mode"] == "compiled" for x in lat) else "eager"
+            for m in ("eager", "compiled") if mode == "compiled" else ("eager",):
+                pts = {x["batch_size"]: x for x in lat if x["threads"] == threads
+                       and x["mode"] == m}
+                bs_max = max(pts)
+                suffix = "" if m == mode else "_eager"
+                row[f"latency_ms_p50_bs1{suffix}"] = pts[1]["latency_ms_p50"] if 1 in pts else None
+                row[f"latency_ms_p50_bs_max{suffix}"] = pts[bs_max]["latency_ms_p50"]
+                row[f"throughput_ips{suffix}"] = pts[bs_max]["throughput_ips"]
+                row["bs_max"], row["threads"], row["latency_mode"] = bs_max, threads, mode
+        rows.append(row)
+    return rows
+
+
+def _fmt(v, kind: str) -> str:
+    if v is None:
+        return "–"
+    if kind == "pct":
+        return f"{100 * v:.2f}%"
+    if kind == "count":
+        return f"{v / 1e6:.2f}M" if v >= 1e5 else f"{v:,}"
+    if kind == "bytes":
+        return f"{v / 2**20:.2f} MiB" if v >= 2**17 else f"{v / 1024:.1f} KiB"
+    if kind == "ms":
+        return f"{v:.3f}"
+    return f"{v:,.0f}"
+
+
+def print_summary(rows: list[dict], title: str = "effrun summary") -> None:
+    table = Table(title=title)
+    bs_max = next((r["bs_max"] for r in rows if r.get("bs_max")), None)
+    cols = [("stage", "stage", "str"), ("accuracy", "top-1", "pct"), ("params", "params", "count"),
+            ("flops", "FLOPs", "count"), ("size_bytes", "size", "bytes"),
+            ("latency_ms_p50_bs1", "p50 ms (bs 1)", "ms"),
+            ("latency_ms_p50_bs_max", f"p50 ms (bs {bs_max or 'max'})", "ms"),
+            ("throughput_ips", "img/s", "int")]
+    for _, header, kind in cols:
+        table.add_column(header, justify="left" if kind == "str" else "right")
+    for r in rows:
+        table.add_row(*[str(r[k]) if kind == "str" else _fmt(r.get(k), kind)
+                        for k, _, kind in cols])
+    Console().print(table)

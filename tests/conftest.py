@@ -1,0 +1,43 @@
+"""Shared test helpers: compose configs the way the CLI does, run the pipeline in-process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from effrun.cli import config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = Path(config_dir())
+
+
+def options(group: str) -> list[str]:
+    """Every option of a config group, found by globbing its YAML files."""
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def compose_cfg(overrides: list[str] | None = None):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("config", overrides=overrides or [], return_hydra_config=False)
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None):
+    """`effrun ARGS` in a subprocess (python -m effrun, so the venv's interpreter is used)."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "effrun", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory, monkeypatch):
+    # Decoded-data caches of the tests stay out of the user's cache unless CI points elsewhere.
+    if "EFFRUN_CACHE_DIR" not in os.environ:
+        monkeypatch.setenv("EFFRUN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))

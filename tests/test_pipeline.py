@@ -1,0 +1,120 @@
+"""The pipeline end to end on synthetic data: artifacts, metrics, summary, resume, round trip."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from conftest import REPO, compose_cfg, run_cli
+
+from effrun import pipeline
+from effrun.artifacts import load_model, read_model_file
+from effrun.schema import validate
+
+
+def test_smoke_pipeline_end_to_end(tmp_path):
+    cfg = compose_cfg(["+experiment=smoke", "train.epochs=3"])
+    summary = pipeline.run(cfg, tmp_path)
+    train_dir = tmp_path / "01_train"
+    for name in ("model.pt", "metrics.json", "stage.json", "checkpoint.pt"):
+        assert (train_dir / name).is_file(), name
+    bench = json.loads((tmp_path / "05_benchmark" / "metrics.json").read_text())
+    assert bench["models"][0]["latency"], "benchmark measured latencies"
+    stage = json.loads((train_dir / "stage.json").read_text())
+    assert stage["stage"] == "train" and stage["versions"]["torch"] == torch.__version__
+    assert stage["model_config"]["_target_"].endswith("CifarResNet")
+    s = json.loads((tmp_path / "summary.json").read_text())["records"]
+    assert s == summary and len(s) == 1
+    rec = s[0]
+    for key in ("stage", "accuracy", "params", "flops", "size_bytes", "latency_ms_p50_bs1",
+                "latency_ms_p50_bs_max", "throughput_ips"):
+        assert rec[key] is not None, key
+    assert rec["accuracy"] > 0.3, "synthetic data is learnable: well above 10% chance"
+    assert rec["bs_max"] == 8 and rec["params"] > 200_000
+
+
+def test_artifact_round_trip(tmp_path):
+    cfg = compose_cfg(["+experiment=smoke", "train.epochs=1", "stages=[train]"])
+    pipeline.run(cfg, tmp_path)
+    path = tmp_path / "01_train" / "model.pt"
+    blob = read_model_file(path)  # weights_only=True inside
+    assert blob["stage"] == "train" and blob["num_classes"] == 10
+    m1, _ = load_model(path)
+    m2, _ = load_model(path)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m1(x), m2(x))
+    assert torch.load(path, weights_only=True)["state_dict"].keys() == m1.state_dict().keys()
+
+
+def test_init_from_and_benchmark_only(tmp_path):
+    pipeline.run(compose_cfg(["+experiment=smoke", "train.epochs=1", "stages=[train]"]),
+                 tmp_path / "a")
+    art = tmp_path / "a" / "01_train" / "model.pt"
+    summary = pipeline.run(compose_cfg(["+experiment=smoke", "stages=[benchmark]",
+                                        f"init_from={art}"]), tmp_path / "b")
+    assert summary[0]["stage"] == "init:train" and summary[0]["latency_ms_p50_bs1"] > 0
+
+
+def test_rerun_finished_run_does_not_train_again(tmp_path):
+    cfg = compose_cfg(["+experiment=smoke", "train.epochs=1", "stages=[train]"])
+    pipeline.run(cfg, tmp_path)
+    stamp = (tmp_path / "01_train" / "stage.json").stat().st_mtime_ns
+    pipeline.run(cfg, tmp_path)
+    assert (tmp_path / "01_train" / "stage.json").stat().st_mtime_ns == stamp
+    changed = compose_cfg(["+experiment=smoke", "train.epochs=2", "stages=[train]"])
+    try:
+        pipeline.run(changed, tmp_path)
+        raise AssertionError("a finished stage with another config must not be reused")
+    except Exception as e:
+        assert "different config" in str(e)
+
+
+def test_killed_training_resumes(tmp_path):
+    """kill -9 in the middle of training; the rerun continues from the last finished epoch."""
+    run_dir = tmp_path / "run"
+    args = ["+experiment=smoke", "dataset.num_train=2048", "train.epochs=6", "stages=[train]",
+            f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "effrun", *args], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = run_dir / "01_train" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["epoch"] >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "training finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_epochs = torch.load(ckpt, weights_only=True)["epoch"]
+    assert 2 <= done_epochs < 6 and not (run_dir / "01_train" / "stage.json").exists()
+    res = run_cli(args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    log = (run_dir / "__main__.log").read_text()
+    assert f"resumed from {ckpt} after epoch {done_epochs}/6" in log
+    history = json.loads((run_dir / "01_train" / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
+
+
+def test_nan_loss_stops_with_clear_message(tmp_path):
+    res = run_cli(["+experiment=smoke", "optimizer.lr=1e30", "optimizer.warmup_epochs=0",
+                   "stages=[train]", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    assert res.returncode == 1
+    assert "loss became" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_from_any_directory_writes_outputs_there(tmp_path):
+    res = run_cli(["+experiment=smoke", "train.epochs=1", "stages=[train]"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    runs = list((tmp_path / "outputs" / "smoke").iterdir())
+    assert len(runs) == 1 and (runs[0] / "summary.json").exists()
+    assert not (REPO / "outputs" / "smoke" / runs[0].name).exists()
+
+
+def test_validate_accepts_default_config():
+    r = validate(compose_cfg())
+    assert r.run.stages == ["train", "benchmark"] and r.run.name == "default"
