@@ -128,8 +128,9 @@ def fit(model: nn.Module, data: DataSplits, *, hw: Hardware, train: TrainConfig,
         bar.close()
         seconds = time.perf_counter() - t0
         eval_model = ema.model if ema is not None else model
+        # Per-epoch evaluation skips TTA (it doubles eval time); the final figure uses it.
         metrics = evaluate(eval_model, eval_x, eval_y, data, hw,
-                           batch_size=train.eval_batch_size, tta=train.tta)
+                           batch_size=train.eval_batch_size)
         record = {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(1, seen),
                   "train_accuracy": correct.item() / max(1, seen),
                   f"{eval_name}_accuracy": metrics["accuracy"], f"{eval_name}_loss": metrics["loss"],
