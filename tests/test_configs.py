@@ -32,7 +32,7 @@ def test_group_option_validates(group, option):
 
 
 @pytest.mark.parametrize("override,expect", [
-    (["model.depht=20"], "model.depht: unknown key"),
+    (["+model.depht=20"], "model.depht: unknown key"),  # + reaches the schema (a YAML typo)
     (["model.depth=abc"], "model.depth"),
     (["model.depth=21"], "6n+2"),
     (["train.epochs=-1"], "train.epochs"),
