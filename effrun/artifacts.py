@@ -5,6 +5,7 @@ Writes are atomic (temp file + rename) so an interrupted run never leaves a torn
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import json
 import os
@@ -122,9 +123,25 @@ def read_model_file(path: Path) -> dict:
     return blob
 
 
-# Loaders for artifact formats other than effrun's own .pt, keyed by file suffix.
-# A compression method that saves something else (e.g. a torch.export program) registers here.
+# Loaders for artifact formats other than effrun's own .pt, keyed by file suffix:
+# path -> (model, metadata). A compression method that saves something else (e.g. a torch.export
+# program) registers here; LOADER_MODULES names the package that registers a suffix, imported on
+# first use so that reading a .pt never pays for it.
 ARTIFACT_LOADERS: dict[str, Any] = {}
+LOADER_MODULES = {".pt2": "effrun.compression.quantize"}
+
+
+def _loader(path: Path):
+    if path.suffix not in ARTIFACT_LOADERS and path.suffix in LOADER_MODULES:
+        importlib.import_module(LOADER_MODULES[path.suffix])
+    return ARTIFACT_LOADERS.get(path.suffix)
+
+
+def read_meta(path: Path) -> dict:
+    """An artifact's metadata (stage, model_config, num_classes, ...), whatever its format."""
+    path = Path(path)
+    loader = _loader(path)
+    return loader(path)[1] if loader is not None else read_model_file(path)
 
 
 def load_model(path: Path) -> tuple[nn.Module, dict]:
@@ -132,8 +149,9 @@ def load_model(path: Path) -> tuple[nn.Module, dict]:
     from effrun.models import build_model, load_state_into
 
     path = Path(path)
-    if path.suffix in ARTIFACT_LOADERS:
-        return ARTIFACT_LOADERS[path.suffix](path)
+    loader = _loader(path)
+    if loader is not None:
+        return loader(path)
     blob = read_model_file(path)
     model = build_model(blob["model_config"], num_classes=blob["num_classes"])
     load_state_into(model, blob["state_dict"])

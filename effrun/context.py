@@ -16,6 +16,24 @@ from effrun.schema import Resolved
 from effrun.train import LossFn, StepHook, fit
 
 
+def trainable_hardware(model: nn.Module, hw: Hardware) -> Hardware:
+    """`hw`, or a contiguous-format copy when channels_last would crash training on the CPU.
+
+    torch's CPU (oneDNN) backward of a strided 1x1 conv reading fewer than 8 channels corrupts
+    the heap in channels_last (double free / segfault, torch 2.14 on AVX2). Such convs appear in
+    channel-pruned or very narrow ResNets (the downsampling shortcuts); they train fine in the
+    contiguous format, a little slower.
+    """
+    risky = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)
+             and m.kernel_size == (1, 1) and max(m.stride) > 1 and m.in_channels < 8]
+    if not (risky and hw.channels_last and hw.torch_device.type == "cpu"):
+        return hw
+    logging.getLogger("effrun").warning(
+        "training in contiguous memory format: %s read < 8 channels, which crashes "
+        "channels_last training on the CPU", ", ".join(risky))
+    return replace(hw, channels_last=False)
+
+
 @dataclass
 class ModelRecord:
     """A model a stage produced: where its artifact lies and how it scored."""
@@ -56,7 +74,7 @@ class StageContext:
         the run's `train` config (e.g. batch_size). Use a distinct `name` per call in one stage.
         """
         train_cfg = replace(self.cfg.run.train, **train_overrides)
-        return fit(model, self.data, hw=self.hw, train=train_cfg,
+        return fit(model, self.data, hw=trainable_hardware(model, self.hw), train=train_cfg,
                    optimizer=optimizer or self.cfg.optimizer,
                    augment=self.cfg.augmentation if augment == "default" else augment,
                    checkpoint=self.stage_dir / f"{name}.pt", seed=self.cfg.run.seed,

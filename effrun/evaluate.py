@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from effrun.data import BatchLoader, DataSplits
@@ -10,12 +11,30 @@ from effrun.hardware import Hardware
 
 
 def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
-    """The input views whose logits are averaged. Every view keeps the sample's label."""
+    """The input views whose logits are averaged (weights: `tta_weights`). Every view keeps the
+    sample's label.
+
+    flip_translate (airbench's TTA): the image and its mirror, plus both shifted one pixel up-left
+    and one pixel down-right (reflect padding), mirrored too: 6 views.
+    """
     if mode == "none":
         return [x]
     if mode == "flip":
         return [x, x.flip(-1)]
+    if mode == "flip_translate":
+        height, width = x.shape[-2:]
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        shifted = [padded[..., :height, :width], padded[..., 2:, 2:]]
+        return [x, x.flip(-1)] + [v for s in shifted for v in (s, s.flip(-1))]
     raise ValueError(f"unknown tta mode {mode!r}")
+
+
+def tta_weights(mode: str) -> list[float]:
+    """Weights of `tta_views(x, mode)` in the averaged logits; they sum to 1."""
+    if mode == "flip_translate":  # half on the unshifted pair, half on the four shifted views
+        return [0.25, 0.25, 0.125, 0.125, 0.125, 0.125]
+    count = len(tta_views(torch.zeros(1, 1, 3, 3), mode))
+    return [1.0 / count] * count
 
 
 @torch.no_grad()
@@ -28,10 +47,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: DataSplit
                          channels_last=hw.channels_last)
     correct = torch.zeros((), device=hw.torch_device)
     loss_sum = torch.zeros((), device=hw.torch_device)
+    weights = tta_weights(tta)
     for inputs, labels in loader:
         views = tta_views(inputs, tta)
         with hw.autocast():
-            logits = sum(model(v).float() for v in views) / len(views)
+            logits = sum(w * model(v).float() for w, v in zip(weights, views, strict=True))
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
     model.train(was_training)

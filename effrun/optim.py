@@ -24,6 +24,15 @@ class OptimizerBase:
     warmup_epochs: float = 0.0
     # lr at the end of the run, as a fraction of `lr` (0 = anneal to zero).
     final_lr_fraction: float = 0.0
+    # lr at the start of a linear/cosine/constant warmup, as a fraction of `lr` (0 = from ~0).
+    warmup_from: float = 0.0
+    # lr multiplier for the biases (shifts) of normalization layers (airbench trains them 64x
+    # faster than the weights).
+    norm_bias_lr_scale: float = 1.0
+    # true: every param group's torch weight_decay is weight_decay / (its lr), so the decay a
+    # step applies (lr x weight_decay in torch) is the same for all groups and does not change
+    # when lr is retuned; false: torch's own coupling (decay grows with each group's lr).
+    decoupled_weight_decay: bool = False
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -31,22 +40,41 @@ class OptimizerBase:
         if self.weight_decay < 0:
             raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"optimizer.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            raise ValueError(
+                f"optimizer.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.warmup_epochs < 0:
             raise ValueError(f"optimizer.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if not 0 <= self.warmup_from <= 1:
+            raise ValueError(f"optimizer.warmup_from must be in [0, 1], got {self.warmup_from}")
+        if self.warmup_from and self.schedule == "onecycle":
+            raise ValueError("optimizer.warmup_from applies to linear/cosine/constant schedules; "
+                             "onecycle always starts at lr/25")
+        if self.norm_bias_lr_scale <= 0:
+            raise ValueError(f"optimizer.norm_bias_lr_scale must be > 0, got "
+                             f"{self.norm_bias_lr_scale}")
 
     def param_groups(self, model: nn.Module) -> list[dict]:
-        if self.decay_norm_and_bias:
-            return [{"params": [p for p in model.parameters() if p.requires_grad]}]
-        decay, no_decay = [], []
+        """Trainable params grouped by (lr scale, weight decay); the plain weights come first."""
+        groups: dict[tuple[float, float], list] = {(1.0, self.weight_decay): []}
         for module in model.modules():
+            is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm,
+                                          nn.LayerNorm))
             for name, p in module.named_parameters(recurse=False):
                 if not p.requires_grad:
                     continue
-                is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm,
-                                              nn.LayerNorm))
-                (no_decay if is_norm or name == "bias" else decay).append(p)
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+                is_bias = name == "bias"
+                scale = self.norm_bias_lr_scale if is_norm and is_bias else 1.0
+                decays = self.decay_norm_and_bias or not (is_norm or is_bias)
+                groups.setdefault((scale, self.weight_decay if decays else 0.0), []).append(p)
+        out = []
+        for (scale, decay), params in groups.items():
+            if not params:
+                continue
+            lr = self.lr * scale
+            if self.decoupled_weight_decay:
+                decay = decay / lr
+            out.append({"params": params, "lr": lr, "weight_decay": decay})
+        return out
 
     def build(self, model: nn.Module) -> torch.optim.Optimizer:
         raise NotImplementedError  # each option below says which torch optimizer it is
@@ -55,18 +83,23 @@ class OptimizerBase:
                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
         """A per-step LR multiplier: warmup for `warmup_epochs`, then the named decay."""
         warmup = min(int(round(self.warmup_epochs * steps_per_epoch)), total_steps)
-        factor = lr_factor_fn(self.schedule, total_steps, warmup, self.final_lr_fraction)
+        factor = lr_factor_fn(self.schedule, total_steps, warmup, self.final_lr_fraction,
+                              self.warmup_from)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def lr_factor_fn(schedule: str, total_steps: int, warmup: int, final: float):
+def lr_factor_fn(schedule: str, total_steps: int, warmup: int, final: float,
+                 start: float = 0.0):
+    def ramp(step: int) -> float:  # linear warmup from `start` to 1
+        return start + (1.0 - start) * min(1.0, (step + 1) / warmup)
+
     def factor(step: int) -> float:
         if schedule == "constant":
-            return min(1.0, (step + 1) / warmup) if warmup else 1.0
+            return ramp(step) if warmup else 1.0
         if step < warmup:
             if schedule == "onecycle":  # cosine rise from lr/25, as in Smith's one-cycle
                 return 0.04 + 0.96 * (1 - math.cos(math.pi * step / warmup)) / 2
-            return (step + 1) / warmup
+            return ramp(step)
         progress = (step - warmup) / max(1, total_steps - warmup)
         progress = min(progress, 1.0)
         if schedule == "linear":

@@ -13,6 +13,7 @@ import logging
 import time
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from effrun import artifacts
@@ -24,6 +25,8 @@ from effrun.schema import STAGE_ORDER, ConfigError, Resolved, validate
 from effrun.summary import print_summary, summarize
 
 log = logging.getLogger("effrun")
+# Training images handed to a model's optional init_from_data hook (airbench: 5000).
+DATA_INIT_IMAGES = 5000
 
 
 def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
@@ -78,7 +81,7 @@ def fingerprint(obj: dict) -> str:
 
 
 def initial_record(r: Resolved) -> ModelRecord:
-    meta = artifacts.read_model_file(Path(r.run.init_from))
+    meta = artifacts.read_meta(Path(r.run.init_from))
     return ModelRecord(stage=f"init:{meta['stage']}", artifact=Path(r.run.init_from),
                        model_config=meta["model_config"], num_classes=meta["num_classes"],
                        fingerprint=fingerprint({"init_from": str(r.run.init_from)}))
@@ -116,6 +119,7 @@ def run_model_stage(r: Resolved, stage: str, run_dir: Path, data, parent: ModelR
         model, _ = artifacts.load_model(parent.artifact)
     else:
         model = r.model.build(num_classes=data.num_classes)
+        init_from_data(model, data, r.run.seed)
     if stage == "train":
         result = ctx.fit(model)
         ctx.metrics.update(result)
@@ -137,7 +141,10 @@ def run_model_stage(r: Resolved, stage: str, run_dir: Path, data, parent: ModelR
                                         extra=ctx.artifact_extra)
     ctx.metrics.setdefault("params", count_params(model))
     ctx.metrics.setdefault("flops", _flops(model, data, r))
-    ctx.metrics["size_bytes"] = artifact.stat().st_size
+    # A method may report the bytes its deployed graph uses (e.g. int8 weights + scales);
+    # the file size is always reported beside it.
+    ctx.metrics.setdefault("size_bytes", artifact.stat().st_size)
+    ctx.metrics["artifact_bytes"] = artifact.stat().st_size
     log.info("%s: test accuracy %.4f, %d params, artifact %s", stage, ctx.metrics["accuracy"],
              ctx.metrics["params"], artifact)
     artifacts.write_json(ctx.metrics, sdir / "metrics.json")
@@ -146,6 +153,21 @@ def run_model_stage(r: Resolved, stage: str, run_dir: Path, data, parent: ModelR
                      model_config=ctx.model_config, num_classes=data.num_classes)
     return ModelRecord(stage=stage, artifact=artifact, model_config=ctx.model_config,
                        num_classes=data.num_classes, fingerprint=fp, metrics=ctx.metrics)
+
+
+def init_from_data(model, data, seed: int, count: int = DATA_INIT_IMAGES) -> None:
+    """Call the optional model hook `init_from_data(images)` with `count` training images picked
+    at random (seeded), normalized as the loader does, before a model trains from scratch.
+    Models use it for data-dependent initialisation (airbench's whitening conv)."""
+    hook = getattr(model, "init_from_data", None)
+    if hook is None:
+        return
+    generator = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(data.train_y), generator=generator)[:count]
+    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+    std = torch.tensor(data.std).view(1, -1, 1, 1)
+    hook((data.train_x[pick].float() / 255 - mean) / std)
+    log.info("train: model initialised from %d training images", len(pick))
 
 
 def run_benchmark_stage(r: Resolved, run_dir: Path, data, records: list[ModelRecord]) -> list:

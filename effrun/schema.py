@@ -18,7 +18,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 STAGE_ORDER = ("train", "prune", "distill", "quantize", "benchmark")
 GROUPS = ("dataset", "model", "optimizer", "augmentation", "hardware")
 COMPRESSION_GROUPS = ("prune", "distill", "quantize")
-TTA_MODES = ("none", "flip")
+TTA_MODES = ("none", "flip", "flip_translate")
 
 
 class ConfigError(Exception):
@@ -33,7 +33,14 @@ class TrainConfig:
     label_smoothing: float = 0.0
     ema_decay: Optional[float] = None  # e.g. 0.999; evaluation and artifact use the EMA weights
     grad_clip_norm: Optional[float] = None
-    tta: str = "none"  # test-time augmentation at evaluation: none | flip
+    tta: str = "none"  # test-time augmentation at evaluation: none | flip | flip_translate
+    # Lookahead-style weight averaging (airbench): every `lookahead_every` steps an averaged copy
+    # of the weights moves toward the live ones and the live ones are reset to it; the copy's
+    # decay ramps as lookahead_decay * progress**3. 0 = off.
+    lookahead_every: int = 0
+    lookahead_decay: float = 0.95**5
+    # Evaluate on val/test every N epochs (the last epoch always); 0 = only after training.
+    eval_every: int = 1
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -44,6 +51,11 @@ class TrainConfig:
             raise ValueError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"train.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
+        if self.lookahead_every < 0 or not 0 <= self.lookahead_decay < 1:
+            raise ValueError("train.lookahead_every must be >= 0 and train.lookahead_decay in "
+                             f"[0, 1), got {self.lookahead_every} and {self.lookahead_decay}")
+        if self.eval_every < 0:
+            raise ValueError(f"train.eval_every must be >= 0, got {self.eval_every}")
         if self.tta not in TTA_MODES:
             raise ValueError(f"train.tta must be one of {TTA_MODES}, got {self.tta!r}")
 
@@ -105,7 +117,8 @@ def build_node(node: DictConfig, where: str) -> Any:
     try:
         cls = get_class(target)
     except Exception as e:  # hydra raises a chain of import errors; one line is enough
-        raise ConfigError(f"{where}._target_: cannot import {target!r} ({e.__class__.__name__})")
+        raise ConfigError(
+            f"{where}._target_: cannot import {target!r} ({e.__class__.__name__})") from None
     if not dataclasses.is_dataclass(cls):
         raise ConfigError(f"{where}._target_: {target} is not a config dataclass")
     values = OmegaConf.to_container(node, resolve=True)

@@ -17,7 +17,10 @@ def summarize(records, bench: list[dict] | None) -> list[dict]:
                "flops": b.get("flops", rec.metrics.get("flops")),
                "size_bytes": b.get("size_bytes", rec.metrics.get("size_bytes")),
                "latency_ms_p50_bs1": None, "latency_ms_p50_bs_max": None, "bs_max": None,
-               "throughput_ips": None, "peak_memory_bytes": b.get("peak_memory_bytes")}
+               "throughput_ips": None, "peak_memory_bytes": b.get("peak_memory_bytes"),
+               # Zero-weight share of the pruned layers (magnitude / N:M pruning), measured from
+               # the saved weights, and the stage's caveat (e.g. "no speed-up from zeros").
+               "sparsity": rec.metrics.get("sparsity"), "note": rec.metrics.get("note")}
         lat = b.get("latency") or []
         if lat:
             threads = lat[0]["threads"]
@@ -58,9 +61,15 @@ def print_summary(rows: list[dict], title: str = "effrun summary") -> None:
             ("latency_ms_p50_bs1", "p50 ms (bs 1)", "ms"),
             ("latency_ms_p50_bs_max", f"p50 ms (bs {bs_max or 'max'})", "ms"),
             ("throughput_ips", "img/s", "int")]
+    if any(r.get("sparsity") is not None for r in rows):
+        cols.insert(2, ("sparsity", "sparsity", "pct"))
     for _, header, kind in cols:
         table.add_column(header, justify="left" if kind == "str" else "right")
     for r in rows:
         table.add_row(*[str(r[k]) if kind == "str" else _fmt(r.get(k), kind)
                         for k, _, kind in cols])
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for r in rows:
+        if r.get("note"):
+            console.print(f"{r['stage']}: {r['note']}")

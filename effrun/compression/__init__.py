@@ -7,7 +7,8 @@ The contract (see effrun/context.py):
         amount: float = 0.5
         def __call__(self, model: nn.Module, ctx: StageContext) -> nn.Module: ...
 
-and configs/compression/<stage>/<name>.yaml with `_target_: effrun.compression.<stage>.<file>.MyMethod`
+and configs/compression/<stage>/<name>.yaml with
+`_target_: effrun.compression.<stage>.<file>.MyMethod`
 plus the fields. The pipeline loads the parent stage's model, calls the method, evaluates the
 result when the method did not put "accuracy" in ctx.metrics, and saves the artifact — through
 `method.save(model, stage_dir, ctx) -> Path` when the method defines one, else as a state_dict

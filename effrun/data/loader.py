@@ -89,18 +89,22 @@ class BatchLoader:
         for batch in range(len(self)):
             start = batch * self.batch_size
             if order is None:
-                images = self.x[start : start + self.batch_size]
-                labels = self.y[start : start + self.batch_size]
+                idx = slice(start, start + self.batch_size)
+                images, labels = self.x[idx], self.y[idx]
             else:
                 idx = order[start : start + self.batch_size]
                 images, labels = self.x[idx], self.y[idx]
-            yield self._prepare(images), labels
+            yield self._prepare(images, idx, epoch), labels
 
-    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+    def _prepare(self, images: torch.Tensor, idx: torch.Tensor | slice, epoch: int
+                 ) -> torch.Tensor:
         # Normalize and augment in float32 so low-precision dtypes only see the final values.
         inputs = images.float() * self._scale + self._shift
         if self.augment is not None:
-            inputs = self.augment(inputs, self._generator)
+            if isinstance(idx, slice):
+                idx = torch.arange(idx.start, idx.start + len(images), device=self.device)
+            inputs = self.augment(inputs, self._generator, sample_ids=idx, epoch=epoch,
+                                  seed=self.seed)
         inputs = inputs.to(self.dtype)
         if self.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)

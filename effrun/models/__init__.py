@@ -17,11 +17,13 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from effrun.models.airbench import Airbench
 from effrun.models.cifar_resnet import CifarResNet, ResNet18Cifar
 from effrun.models.mobilenetv2 import MobileNetV2Cifar
 from effrun.models.tv import TorchvisionModel
 
 __all__ = [
+    "Airbench",
     "CifarResNet",
     "MobileNetV2Cifar",
     "ResNet18Cifar",

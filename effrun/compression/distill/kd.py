@@ -1,0 +1,215 @@
+"""Hinton et al. (2015) knowledge distillation: the student learns the teacher's softened logits.
+
+loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(labels)
+
+The teacher is the model the previous stage produced (the baseline, or the pruned model) or an
+artifact given by `teacher`; the student is a fresh model option (`student: resnet20`) or, when
+`student` is null and `teacher` is a path, the previous stage's model trained on. With
+`compare_scratch` the same student (same initial weights, epochs, optimizer) is also trained
+without a teacher, so metrics.json holds the gain distillation brought.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from effrun import artifacts
+from effrun.data import BatchLoader
+from effrun.models import model_config_dict
+from effrun.schema import build_node
+
+KEY = "compression.distill"
+MODEL_OPTIONS = Path(__file__).resolve().parents[2] / "configs" / "model"
+log = logging.getLogger("effrun")
+
+
+def model_option(name: str, where: str) -> object:
+    """The config dataclass of model option `name` (configs/model/<name>.yaml)."""
+    path = MODEL_OPTIONS / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in MODEL_OPTIONS.glob("*.yaml")))
+        raise ValueError(f"{where}: no model option {name!r} (options: {known})")
+    return build_node(OmegaConf.load(path), where)
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, *,
+            temperature: float, alpha: float, ce: nn.Module) -> torch.Tensor:
+    soft = F.kl_div(F.log_softmax(student / temperature, 1),
+                    F.log_softmax(teacher / temperature, 1), reduction="batchmean",
+                    log_target=True) * temperature**2  # T^2 keeps gradient scale as T varies
+    return alpha * soft + (1.0 - alpha) * ce(student, labels) if alpha < 1 else soft
+
+
+class LogitCache:
+    """Teacher logits of every training image, computed once under no-grad.
+
+    Only valid when augmentation is off, so a training batch holds the loader's exact
+    normalized images. The loader gives no sample indices, so a batch is matched by an exact
+    integer hash of its float bits (no rounding involved); any miss falls back to running the
+    teacher, so a mismatch can cost time but never give wrong targets.
+    """
+
+    def __init__(self, teacher: nn.Module, ctx):
+        data, hw = ctx.data, ctx.hw
+        gen = torch.Generator().manual_seed(0)
+        numel = data.train_x[0].numel()
+        # < 2**16 times < 2**31 bits, summed over 3*32*32 values, stays inside int64.
+        self.weights = torch.randint(1, 2**16, (numel,), generator=gen).to(hw.torch_device)
+        loader = BatchLoader(data.train_x, data.train_y, ctx.cfg.run.train.eval_batch_size,
+                             mean=data.mean, std=data.std, device=hw.torch_device,
+                             channels_last=hw.channels_last)
+        keys, logits = [], []
+        with torch.no_grad():
+            for inputs, _ in loader:
+                keys.append(self.key(inputs))
+                with hw.autocast():
+                    logits.append(teacher(inputs).float())
+        keys_t = torch.cat(keys)
+        order = torch.argsort(keys_t)
+        self.keys, self.logits = keys_t[order], torch.cat(logits)[order]
+        self.misses = 0
+        log.info("distill: teacher logits cached for %d training images", len(self.keys))
+
+    def key(self, inputs: torch.Tensor) -> torch.Tensor:
+        bits = inputs.float().contiguous().view(torch.int32).flatten(1).long()
+        return (bits * self.weights).sum(1)
+
+    def lookup(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        keys = self.key(inputs)
+        pos = torch.searchsorted(self.keys, keys).clamp(max=len(self.keys) - 1)
+        if not bool((self.keys[pos] == keys).all()):
+            self.misses += 1
+            return None
+        return self.logits[pos]
+
+
+@dataclass
+class KD:
+    student: str | None = None  # a model option (e.g. resnet20); null = the previous model
+    teacher: str | None = None  # a model artifact (.pt); null = the previous stage's model
+    temperature: float = 4.0
+    alpha: float = 0.9  # weight of the distillation term; 1 - alpha goes to the label loss
+    epochs: int | None = None  # null = train.epochs
+    lr: float | None = None  # null = the run's optimizer as configured
+    compare_scratch: bool = False  # also train the same student without a teacher
+    cache_teacher_logits: bool = True  # with augmentation off, run the teacher once per image
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"{KEY}.temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"{KEY}.alpha must be in [0, 1], got {self.alpha}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"{KEY}.epochs must be >= 1 or null, got {self.epochs}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"{KEY}.lr must be > 0 or null, got {self.lr}")
+        if self.student is not None:
+            model_option(self.student, f"{KEY}.student")
+
+    # -- setup: every check runs here, before any training ------------------------------------
+    def setup(self, model: nn.Module, ctx) -> tuple[nn.Module, nn.Module]:
+        """(teacher, student), checked against each other and the data."""
+        if self.teacher is not None:
+            try:
+                teacher, _ = artifacts.load_model(Path(self.teacher))
+            except Exception as e:  # missing file, not an artifact, shapes that do not fit
+                raise ValueError(f"{KEY}.teacher: cannot load {self.teacher}: "
+                                 f"{str(e).splitlines()[0]}") from None
+        elif self.student is None:
+            raise ValueError(f"{KEY}: set student (a model option) or teacher (an artifact); "
+                             f"with neither the model would distill from itself")
+        else:
+            teacher = copy.deepcopy(model)
+        if self.student is not None:
+            cfg = model_option(self.student, f"{KEY}.student")
+            student = cfg.build(num_classes=ctx.data.num_classes)
+            ctx.model_config = model_config_dict(cfg)
+        else:
+            student = model
+        example = torch.zeros(2, 3, *ctx.data.image_size)
+        with torch.no_grad():
+            t_out, s_out = teacher.eval()(example), student.eval()(example)
+        if t_out.shape != s_out.shape or s_out.shape[1] != ctx.data.num_classes:
+            raise ValueError(f"{KEY}: teacher gives {t_out.shape[1]} classes, student "
+                             f"{s_out.shape[1]}, the data has {ctx.data.num_classes}")
+        teacher = ctx.hw.prepare(teacher).eval().requires_grad_(False)
+        return teacher, student
+
+    # -- what feature distillation overrides ----------------------------------------------------
+    def trainable(self, student: nn.Module, teacher: nn.Module, ctx) -> nn.Module:
+        """The module the training loop optimizes (here the student itself)."""
+        return student
+
+    def release(self, trainable: nn.Module) -> nn.Module:
+        """The student out of `trainable`, with any training-only hooks removed."""
+        return trainable
+
+    def loss_fn(self, trainable: nn.Module, teacher: nn.Module, ctx):
+        ce = nn.CrossEntropyLoss(label_smoothing=ctx.cfg.run.train.label_smoothing)
+        cache = None
+        augmentation = ctx.cfg.augmentation
+        if self.cache_teacher_logits and not getattr(augmentation, "enabled", True):
+            cache = LogitCache(teacher, ctx)
+
+        def loss(logits: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor):
+            target = cache.lookup(inputs) if cache is not None else None
+            if target is None:
+                with torch.no_grad(), ctx.hw.autocast():
+                    target = teacher(inputs).float()
+            return kd_loss(logits, target, labels, temperature=self.temperature,
+                           alpha=self.alpha, ce=ce)
+
+        loss.cache = cache  # so the stage can report whether the cache served every batch
+        return loss
+
+    # -- the stage --------------------------------------------------------------------------
+    def __call__(self, model: nn.Module, ctx) -> nn.Module:
+        teacher, student = self.setup(model, ctx)
+        epochs = self.epochs or ctx.cfg.run.train.epochs
+        optimizer = (ctx.cfg.optimizer if self.lr is None
+                     else dataclasses.replace(ctx.cfg.optimizer, lr=self.lr))
+        initial = copy.deepcopy(student.state_dict()) if self.compare_scratch else None
+        trainable = self.trainable(student, teacher, ctx)
+        loss_fn = self.loss_fn(trainable, teacher, ctx)
+        result = ctx.fit(trainable, epochs=epochs, optimizer=optimizer, loss_fn=loss_fn,
+                         name="kd")
+        student = self.release(trainable)
+        cache = getattr(loss_fn, "cache", None)
+        ctx.metrics.update({
+            "method": type(self).__name__, "epochs": epochs, "accuracy": result["test_accuracy"],
+            "teacher": self.teacher or (ctx.parent.stage if ctx.parent else None),
+            "teacher_accuracy": self._teacher_accuracy(teacher, ctx),
+            "teacher_logits_cached": cache is not None,
+            "teacher_cache_misses": cache.misses if cache is not None else None,
+            "history": result["history"]})
+        if self.compare_scratch:
+            self._no_teacher(student, initial, epochs, optimizer, ctx)
+        return student
+
+    def _teacher_accuracy(self, teacher: nn.Module, ctx) -> float:
+        known = ctx.parent.metrics.get("accuracy") if ctx.parent and not self.teacher else None
+        return known if known is not None else ctx.evaluate(teacher)["accuracy"]
+
+    def _no_teacher(self, student, initial, epochs, optimizer, ctx) -> None:
+        """The same student from the same initial weights, trained on labels alone."""
+        plain = copy.deepcopy(student)
+        plain.load_state_dict(initial)
+        result = ctx.fit(plain, epochs=epochs, optimizer=optimizer, name="no_teacher")
+        acc, kd_acc = result["test_accuracy"], ctx.metrics["accuracy"]
+        artifacts.save_model(plain, Path(ctx.stage_dir) / "no_teacher_model.pt",
+                             model_config=ctx.model_config, num_classes=ctx.data.num_classes,
+                             stage="distill:no_teacher")
+        ctx.metrics.update({"no_teacher_accuracy": acc, "kd_gain_pt": 100 * (kd_acc - acc),
+                            "no_teacher_history": result["history"]})
+        ctx.metrics["note"] = (f"distilled student {100 * kd_acc:.2f}% vs the same student "
+                               f"without a teacher {100 * acc:.2f}% "
+                               f"({100 * (kd_acc - acc):+.2f} pt, {epochs} epochs each)")

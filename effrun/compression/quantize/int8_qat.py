@@ -1,0 +1,53 @@
+"""int8_qat: quantization-aware training, then the same int8 conversion as int8_ptq.
+
+Fake-quant nodes (and conv+BN folding as int8 will see it) are inserted into the exported
+graph, which is fine-tuned with the spine's training loop at a small learning rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+
+from effrun.compression.quantize.base import Int8Method
+from effrun.compression.quantize.common import x86_quantizer
+
+
+@dataclass
+class Int8QAT(Int8Method):
+    epochs: int = 2
+    lr: float = 0.005  # peak of a cosine schedule without warmup; the run's optimizer otherwise
+
+    export_in_train_mode: ClassVar[bool] = True  # BN trains during QAT
+
+    def __post_init__(self) -> None:
+        self._check_positive("epochs", self.epochs)
+        if self.lr <= 0:
+            raise ValueError(f"{self.key}.lr must be > 0, got {self.lr}")
+
+    def check_data(self, ctx) -> None:
+        if len(ctx.data.train_y) < ctx.cfg.run.train.batch_size:
+            raise ValueError(f"int8_qat fine-tunes on training images: the dataset has "
+                             f"{len(ctx.data.train_y)}, fewer than train.batch_size")
+
+    def quantize(self, exported, ctx, float_layers, reduce_range) -> torch.fx.GraphModule:
+        from torchao.quantization.pt2e import (
+            allow_exported_model_train_eval,
+            move_exported_model_to_eval,
+        )
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+
+        prepared = prepare_qat_pt2e(exported, x86_quantizer(
+            is_qat=True, reduce_range=reduce_range, float_layers=float_layers))
+        allow_exported_model_train_eval(prepared)  # the training loop calls train()/eval()
+        optimizer = replace(ctx.cfg.optimizer, lr=self.lr, schedule="cosine", warmup_epochs=0.0)
+        # Contiguous layout: the graph hides its convs from the spine's check for the oneDNN
+        # channels_last backward crash (strided 1x1 convs on < 8 channels), which it does hit.
+        contiguous = replace(ctx, hw=replace(ctx.hw, channels_last=False))
+        result = contiguous.fit(prepared, epochs=self.epochs, optimizer=optimizer, name="qat")
+        ctx.metrics["qat"] = {"epochs": self.epochs, "history": result["history"],
+                              "fake_quant_test_accuracy": result["test_accuracy"]}
+        move_exported_model_to_eval(prepared)
+        return convert_pt2e(prepared.cpu())
