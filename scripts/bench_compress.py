@@ -90,7 +90,7 @@ def main() -> None:
     # this budget: ResNet-56 after 8 epochs 53.1% < ResNet-20 after 8 epochs 60.8%, and KD then
     # cost 6.5 pt. Hence a longer-trained teacher and shorter student runs (equal for both).
     ap.add_argument("--epochs", type=int, default=12, help="ResNet-56 baseline/teacher epochs")
-    ap.add_argument("--finetune-epochs", type=int, default=4, help="after channel pruning")
+    ap.add_argument("--finetune-epochs", type=int, default=8, help="after channel pruning")
     ap.add_argument("--kd-epochs", type=int, default=5, help="KD student and no-teacher student")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--calls", type=int, default=100, help="timed calls per model at batch 1 "
