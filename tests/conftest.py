@@ -36,6 +36,21 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = N
                           capture_output=True, text=True, timeout=timeout)
 
 
+def stage_ctx(tmp_path: Path, stage: str, overrides: list[str]):
+    """(StageContext as the pipeline builds it, the stage's method, a fresh model) for calling a
+    compression method directly, from a composed config."""
+    from effrun.context import StageContext
+    from effrun.models import model_config_dict
+    from effrun.schema import validate
+
+    r = validate(compose_cfg(overrides))
+    r.hardware.setup(r.run.seed)
+    data = r.dataset.load(seed=r.run.seed)
+    ctx = StageContext(cfg=r, stage=stage, stage_dir=tmp_path, data=data, hw=r.hardware,
+                       fingerprint="test", parent=None, model_config=model_config_dict(r.model))
+    return ctx, r.compression[stage], r.model.build(num_classes=data.num_classes)
+
+
 @pytest.fixture(autouse=True)
 def _cache_dir(tmp_path_factory, monkeypatch):
     # Decoded-data caches of the tests stay out of the user's cache unless CI points elsewhere.

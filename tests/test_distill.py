@@ -8,13 +8,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_cfg, options, run_cli
+from conftest import compose_cfg, options, run_cli, stage_ctx
 
 from effrun import pipeline
 from effrun.artifacts import load_model, save_model
 from effrun.compression.distill.kd import LogitCache, kd_loss
 from effrun.compression.prune.channel import ChannelPrune
-from effrun.context import StageContext
 from effrun.data import BatchLoader
 from effrun.models import CifarResNet, model_config_dict
 from effrun.schema import ConfigError, validate
@@ -25,13 +24,9 @@ TINY = ["+experiment=smoke", "dataset.num_train=128", "dataset.num_test=64",
 
 
 def make_ctx(tmp_path, method: str, overrides=()):
-    r = validate(compose_cfg([*TINY, f"compression/distill={method}", "stages=[train,distill]",
-                              *overrides]))
-    r.hardware.setup(r.run.seed)
-    data = r.dataset.load(seed=r.run.seed)
-    ctx = StageContext(cfg=r, stage="distill", stage_dir=tmp_path, data=data, hw=r.hardware,
-                       fingerprint="test", parent=None, model_config=model_config_dict(r.model))
-    return ctx, r.compression["distill"], r.model.build(num_classes=data.num_classes)
+    """A StageContext as the pipeline builds it, for calling a method directly."""
+    return stage_ctx(tmp_path, "distill", [*TINY, f"compression/distill={method}",
+                                          "stages=[train,distill]", *overrides])
 
 
 def test_distill_options_are_found():

@@ -7,15 +7,15 @@ import json
 
 import pytest
 import torch
-from conftest import compose_cfg, options
+from conftest import compose_cfg, options, stage_ctx
 
 from effrun import pipeline
 from effrun.artifacts import load_model, read_model_file, save_model
 from effrun.compression.prune.channel import ChannelPrune, MacsCounter, count_macs
 from effrun.compression.prune.magnitude import MagnitudePrune, agp_sparsity, magnitude_masks
 from effrun.compression.prune.nm import follows_nm
-from effrun.context import StageContext, trainable_hardware
-from effrun.models import CifarResNet, model_config_dict
+from effrun.context import trainable_hardware
+from effrun.models import CifarResNet
 from effrun.schema import ConfigError, validate
 
 # Tiny and fast: 16x16 synthetic images, ResNet-20 at width 8, one short epoch.
@@ -26,13 +26,8 @@ X = torch.randn(3, 3, 16, 16)
 
 def make_ctx(tmp_path, method: str, overrides=()):
     """A StageContext as the pipeline builds it, for calling a method directly."""
-    r = validate(compose_cfg([*TINY, f"compression/prune={method}", "stages=[train,prune]",
-                              *overrides]))
-    r.hardware.setup(r.run.seed)
-    data = r.dataset.load(seed=r.run.seed)
-    ctx = StageContext(cfg=r, stage="prune", stage_dir=tmp_path, data=data, hw=r.hardware,
-                       fingerprint="test", parent=None, model_config=model_config_dict(r.model))
-    return ctx, r.compression["prune"], r.model.build(num_classes=data.num_classes)
+    return stage_ctx(tmp_path, "prune", [*TINY, f"compression/prune={method}",
+                                          "stages=[train,prune]", *overrides])
 
 
 def outputs(model):

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 import torchvision
 
-from effrun.data.folder import find_test_split, read_image_tree
+from effrun.data.folder import load_tree_splits
 from effrun.data.splits import DatasetBase, DataSplits
 
 
@@ -68,17 +68,7 @@ class _CIFARBase(DatasetBase):
         )
 
     def _load_tree(self, root: Path) -> DataSplits:
-        test_split = find_test_split(root)
-        tree = read_image_tree(
-            root, ("train", test_split), image_size=32, cache_dir=self.resolved_cache_dir()
-        )
-        return DataSplits(
-            train_x=tree["train_x"],
-            train_y=tree["train_y"],
-            test_x=tree[f"{test_split}_x"],
-            test_y=tree[f"{test_split}_y"],
-            classes=tree["classes"],
-        )
+        return load_tree_splits(root, image_size=32, cache_dir=self.resolved_cache_dir())
 
 
 def _nhwc_to_nchw(images) -> torch.Tensor:

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image, read_file
 from tqdm import tqdm
 
+from effrun.data.splits import DataSplits
+
 # Bump when decoding or resizing changes, so old cache files stop matching.
 _CACHE_FORMAT = 1
 # decode_image handles these natively; the rest go through PIL.
@@ -200,3 +202,13 @@ def _write_cache(path: Path, tree: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def load_tree_splits(root: Path, *, image_size: int | None, cache_dir: Path) -> DataSplits:
+    """An ImageFolder tree (train/ plus test/ or val/) as DataSplits, through the decode cache."""
+    test_split = find_test_split(root)
+    tree = read_image_tree(root, ("train", test_split), image_size=image_size,
+                           cache_dir=cache_dir)
+    return DataSplits(train_x=tree["train_x"], train_y=tree["train_y"],
+                      test_x=tree[f"{test_split}_x"], test_y=tree[f"{test_split}_y"],
+                      classes=tree["classes"])

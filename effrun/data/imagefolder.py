@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import MISSING
 
-from effrun.data.folder import find_test_split, read_image_tree
+from effrun.data.folder import load_tree_splits
 from effrun.data.splits import DatasetBase, DataSplits
 
 
@@ -38,17 +38,5 @@ class ImageFolderData(DatasetBase):
                 f"no ImageFolder tree under {root}: set dataset.root=<dir with train/<class>/ "
                 "and test/<class>/ (or val/<class>/) folders>"
             )
-        test_split = find_test_split(root)
-        tree = read_image_tree(
-            root,
-            ("train", test_split),
-            image_size=self.image_size,
-            cache_dir=self.resolved_cache_dir(),
-        )
-        return DataSplits(
-            train_x=tree["train_x"],
-            train_y=tree["train_y"],
-            test_x=tree[f"{test_split}_x"],
-            test_y=tree[f"{test_split}_y"],
-            classes=tree["classes"],
-        )
+        return load_tree_splits(root, image_size=self.image_size,
+                                cache_dir=self.resolved_cache_dir())
