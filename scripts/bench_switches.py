@@ -1,6 +1,8 @@
 """What each compute-efficiency switch gives on this machine: channels_last, bf16 autocast,
-torch.compile, thread count, batch size, for training steps and inference, as ratios to fp32 eager
-(contiguous memory, same threads and batch size).
+torch.compile, glibc memory reuse (hardware.reuse_freed_memory), thread count, batch size, for
+training steps and inference, as ratios to fp32 eager (contiguous memory, same threads and batch
+size, glibc's default allocator limits); with several --threads, also each variant against itself
+at the first thread count.
 
 Every variant runs in short timed chunks, interleaved round after round, so a change in machine
 load hits them all alike; a chunk runs steps until --chunk-s seconds of process CPU time passed.
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effrun.hardware import keep_freed_memory
 from effrun.models import Airbench, CifarResNet
 
 MODELS = {"resnet20": lambda: CifarResNet(depth=20).build(10),
@@ -32,8 +35,10 @@ MODELS = {"resnet20": lambda: CifarResNet(depth=20).build(10),
 
 class Variant:
     def __init__(self, name: str, model: nn.Module, *, train: bool, batch: int, threads: int,
-                 channels_last: bool = False, bf16: bool = False, compile: bool = False):
+                 channels_last: bool = False, bf16: bool = False, compile: bool = False,
+                 reuse_memory: bool = False):
         self.name, self.train, self.batch, self.threads = name, train, batch, threads
+        self.reuse_memory = reuse_memory
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = copy.deepcopy(model).to(memory_format=fmt).train(train)
         self.fn = torch.compile(self.model) if compile else self.model
@@ -69,13 +74,16 @@ class Variant:
                 self.fn(self.x)
 
     def chunk(self, seconds: float) -> None:
+        keep_freed_memory(self.reuse_memory)  # process-wide: set for this chunk only
         self.step()  # warm (caches, allocator) outside the timed part
+        self.step()
         steps, w0, c0 = 0, time.perf_counter(), time.process_time()
         while steps == 0 or time.process_time() - c0 < seconds:
             self.step()
             steps += 1
         self.wall.append(steps * self.batch / (time.perf_counter() - w0))
         self.cpu.append(steps * self.batch / (time.process_time() - c0))
+        keep_freed_memory(False)
 
 
 def variants(model: nn.Module, args) -> list[Variant]:
@@ -87,6 +95,8 @@ def variants(model: nn.Module, args) -> list[Variant]:
             out.append(Variant(f"{kind} bs{batch} t{threads} fp32 eager", model, **common))
             out.append(Variant(f"{kind} bs{batch} t{threads} channels_last", model,
                                channels_last=True, **common))
+            out.append(Variant(f"{kind} bs{batch} t{threads} channels_last+reuse_memory", model,
+                               channels_last=True, reuse_memory=True, **common))
             if batch == args.switch_batch or not train:
                 out.append(Variant(f"{kind} bs{batch} t{threads} bf16+channels_last", model,
                                    channels_last=True, bf16=True, **common))
@@ -117,13 +127,17 @@ def main() -> None:
             print(f"{name}: round {rnd + 1}/{args.rounds} done", flush=True)
         print(f"\n{name}: images/s by wall clock and per CPU-second; ratios to fp32 eager at "
               f"the same kind, batch and threads: median [min-max] over rounds")
-        print(f"{'variant':44s} {'wall':>7s} {'cpu':>7s}  {'wall ratio':17s} cpu ratio")
+        print(f"{'variant':48s} {'wall':>7s} {'cpu':>7s}  {'wall ratio':17s} {'cpu ratio':17s}"
+              f" wall vs t{args.threads[0]}")
         for v in vs:
             ref = next(r for r in vs if r.train == v.train and r.batch == v.batch
                        and r.threads == v.threads and r.name.endswith("fp32 eager"))
+            same = v.name.replace(f" t{v.threads} ", f" t{args.threads[0]} ")
+            first = next(r for r in vs if r.name == same)
             extra = f"  (compile {v.compile_s:.0f}s)" if v.compile_s else ""
-            print(f"{v.name:44s} {statistics.median(v.wall):7.1f} {statistics.median(v.cpu):7.1f}"
-                  f"  {spread(v.wall, ref.wall):17s} {spread(v.cpu, ref.cpu)}{extra}")
+            print(f"{v.name:48s} {statistics.median(v.wall):7.1f} {statistics.median(v.cpu):7.1f}"
+                  f"  {spread(v.wall, ref.wall):17s} {spread(v.cpu, ref.cpu):17s}"
+                  f" {spread(v.wall, first.wall)}{extra}")
 
 
 def spread(values: list[float], reference: list[float]) -> str:

@@ -7,10 +7,13 @@
   run       a whole recipe (cifar10_airbench, cifar10_baseline) on real data: seconds per epoch,
             test accuracy with and without TTA. Reads a finished run dir instead of training
             unless --retrain.
+  floor     the least time any fp32 implementation of a recipe can take here: its training and
+            TTA-eval FLOPs (counted) over this machine's measured fp32 matmul peak.
 
   OMP_NUM_THREADS=1 taskset -c 1 python scripts/bench_train.py overhead --rounds 5
   python scripts/bench_train.py run cifar10_airbench --run-dir outputs/cifar10_airbench/bench
   python scripts/bench_train.py run cifar10_baseline --run-dir outputs/cifar10_baseline/main
+  python scripts/bench_train.py floor cifar10_airbench hardware.threads=2
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from effrun import pipeline
 from effrun.artifacts import load_model, read_json
 from effrun.cli import config_dir
-from effrun.evaluate import evaluate
+from effrun.evaluate import evaluate, tta_views
 from effrun.schema import Resolved, validate
 from effrun.train import fit
 
@@ -202,6 +206,51 @@ def report(r: Resolved, run_dir: Path, train_dir: Path) -> None:
     print(json.dumps(out, indent=2))
 
 
+# ------------------------------------------------------------------ the compute floor
+
+
+def matmul_peak_flops(threads: int, size: int = 2048, repeats: int = 20) -> float:
+    """Best fp32 FLOP/s of a square matmul, the most efficient kernel the CPU runs."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    out = torch.empty(size, size)
+    torch.mm(a, b, out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
+def floor(args) -> None:
+    r = resolved(args.experiment, ["dataset=synthetic", f"hardware={args.hardware}",
+                                   *args.overrides])
+    r.hardware.setup(0)
+    train = r.run.train
+    model = r.model.build(num_classes=10)
+    x = torch.randn(64, 3, 32, 32)
+    counter = FlopCounterMode(display=False)
+    with counter:  # forward and backward as training runs them (frozen weights get no grads)
+        F.cross_entropy(model.train()(x), torch.zeros(64, dtype=torch.long)).backward()
+    train_flops = counter.get_total_flops() / 64
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.eval()(x)
+    views = len(tta_views(x, train.tta))
+    eval_flops = counter.get_total_flops() / 64 * views
+    peak = matmul_peak_flops(torch.get_num_threads())
+    epoch_s = args.train_images * train_flops / peak
+    eval_s = args.test_images * eval_flops / peak
+    total = train.epochs * epoch_s + eval_s
+    print(f"{args.experiment}: {train_flops / 1e9:.3f} GFLOP per training image (forward + "
+          f"backward), {eval_flops / 1e9:.3f} GFLOP per test image ({views} TTA views)")
+    print(f"fp32 matmul peak, {torch.get_num_threads()} threads: {peak / 1e9:.1f} GFLOP/s")
+    print(f"floor at that peak: {epoch_s:.0f} s per epoch of {args.train_images} images "
+          f"({args.train_images / epoch_s:.0f} img/s), {train.epochs} epochs + TTA eval = "
+          f"{total:.0f} s ({total / 60:.1f} min)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="mode", required=True)
@@ -215,13 +264,17 @@ def main() -> None:
     w.add_argument("experiment")
     w.add_argument("--run-dir", help="a run dir to read (or to train into)")
     w.add_argument("--retrain", action="store_true", help="train even if --run-dir is finished")
-    for sp in (o, w):
+    fl = sub.add_parser("floor", help="the recipe's FLOPs over the measured matmul peak")
+    fl.add_argument("experiment")
+    fl.add_argument("--train-images", type=int, default=50000)
+    fl.add_argument("--test-images", type=int, default=10000)
+    for sp in (o, w, fl):
         sp.add_argument("--data", default=CIFAR10, help="CIFAR-10 root (tree or torchvision)")
         sp.add_argument("--hardware", default="cpu")
         sp.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. train.epochs=2")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    overhead(args) if args.mode == "overhead" else run(args)
+    {"overhead": overhead, "run": run, "floor": floor}[args.mode](args)
 
 
 if __name__ == "__main__":
