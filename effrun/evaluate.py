@@ -40,9 +40,11 @@ def tta_weights(mode: str) -> list[float]:
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: DataSplits, hw: Hardware,
              *, batch_size: int = 500, tta: str = "none") -> dict[str, float]:
-    """Top-1 accuracy (0..1) and mean cross-entropy of `model` on uint8 images `x`."""
+    """Top-1 accuracy (0..1) and mean cross-entropy of `model` on uint8 images `x`; with
+    hardware.compile the forward is compiled too (eval mode and no_grad make it its own graph)."""
     was_training = model.training
     model.eval()
+    forward = hw.maybe_compile(model)
     loader = BatchLoader(x, y, batch_size, mean=data.mean, std=data.std, device=hw.torch_device,
                          channels_last=hw.channels_last)
     correct = torch.zeros((), device=hw.torch_device)
@@ -51,7 +53,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: DataSplit
     for inputs, labels in loader:
         views = tta_views(inputs, tta)
         with hw.autocast():
-            logits = sum(w * model(v).float() for w, v in zip(weights, views, strict=True))
+            logits = sum(w * forward(v).float() for w, v in zip(weights, views, strict=True))
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
     model.train(was_training)

@@ -145,3 +145,33 @@ def test_flip_translate_views_are_shifted_copies():
     assert torch.equal(views[2][..., 1:, 1:], x[..., :-1, :-1])  # content moved down-right
     assert torch.equal(views[4][..., :-1, :-1], x[..., 1:, 1:])  # content moved up-left
     assert torch.equal(views[3], views[2].flip(-1)) and torch.equal(views[5], views[4].flip(-1))
+
+
+def test_hardware_compile_covers_train_step_and_eval(tmp_path, monkeypatch):
+    """hardware.compile compiles the training step and the evaluation forward (here with Dynamo's
+    eager backend: the wiring is under test, not Inductor)."""
+    from conftest import compose_cfg
+
+    from effrun.schema import validate
+    from effrun.train import fit
+
+    calls = []
+    real_compile = torch.compile
+
+    def recording_compile(model, **kwargs):
+        compiled = real_compile(model, backend="eager")
+
+        def forward(x):
+            calls.append((model.training, torch.is_grad_enabled()))
+            return compiled(x)
+        return forward
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    r = validate(compose_cfg(["+experiment=smoke", "stages=[train]", "dataset.num_train=128",
+                              "dataset.num_test=64", "train.epochs=1", "hardware.compile=true"]))
+    data = r.dataset.load(seed=0)
+    model = r.hardware.prepare(r.model.build(num_classes=data.num_classes))
+    fit(model, data, hw=r.hardware, train=r.run.train, optimizer=r.optimizer,
+        augment=r.augmentation, checkpoint=tmp_path / "ckpt.pt", seed=0)
+    assert (True, True) in calls  # training steps
+    assert (False, False) in calls  # the final test evaluation
