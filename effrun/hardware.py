@@ -116,16 +116,20 @@ def keep_freed_memory(on: bool = True) -> bool:
     step faults in its activation buffers page by page again (~750k page faults and ~2 s of kernel
     time per airbench step at batch 1024). With mmap and trimming off, the heap keeps those pages:
     airbench trained 1.26x faster at batch 1024 on 2 AVX2 cores, in a process that stays at its peak
-    resident size. The setting is process-wide; `on=False` restores glibc's default limits (for
-    benchmarks that interleave both). Returns False, with a warning, where libc is not glibc.
+    resident size. The setting is process-wide; `on=False` sets the limits glibc's defaults settle
+    at in such a process (for benchmarks that interleave both). Returns False, with a warning,
+    where the C library is not glibc.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         _warn_no_glibc()
         return False
     libc = ctypes.CDLL(None)
-    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-    mmap_max, trim = (0, 2**31 - 1) if on else (65536, 128 * 1024)  # glibc's defaults when off
-    return bool(libc.mallopt(m_mmap_max, mmap_max)) and bool(libc.mallopt(m_trim_threshold, trim))
+    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4  # from glibc's malloc.h
+    if on:
+        settings = {m_mmap_max: 0, m_trim_threshold: 2**31 - 1}
+    else:  # where glibc's dynamic thresholds settle once big blocks were freed: 32 MiB, 2 x that
+        settings = {m_mmap_max: 65536, m_mmap_threshold: 32 * 2**20, m_trim_threshold: 64 * 2**20}
+    return all(libc.mallopt(option, value) == 1 for option, value in settings.items())
 
 
 @functools.cache  # once per process

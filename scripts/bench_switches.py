@@ -10,8 +10,15 @@ Reported: median images/s over rounds by wall clock and by process CPU time (the
 steadier figure on a shared core; for 2 threads it counts both threads), and the wall ratio's
 spread (min-max over rounds).
 
+The allocator setting is process-wide, and in one process each switch back makes the heap grow
+again (a few steps), which understates it at small batches; `--allocator-ab` measures it cleanly:
+child processes with glibc's defaults and with hardware.reuse_freed_memory, alternating, each
+training one model at one batch size and thread count.
+
   OMP_NUM_THREADS=1 taskset -c 1 python scripts/bench_switches.py --models resnet20 airbench
   python scripts/bench_switches.py --threads 1 2        # needs two idle cores
+  python scripts/bench_switches.py --allocator-ab --models resnet20 --train-batches 128 1024 \
+      --threads 2 --rounds 3
 """
 
 from __future__ import annotations
@@ -19,7 +26,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -106,6 +116,49 @@ def variants(model: nn.Module, args) -> list[Variant]:
     return out
 
 
+def allocator_child(mode: str, model_name: str, batch: int, threads: int) -> None:
+    """One process, one allocator setting for its life: prints images/s and page faults."""
+    torch.set_num_threads(threads)
+    if mode == "reuse":
+        keep_freed_memory(True)
+    v = Variant(mode, MODELS[model_name](), train=True, batch=batch, threads=threads,
+                channels_last=True)
+    for _ in range(8):  # the reusing heap settles within a few steps
+        v.step()
+    steps = max(4, 8192 // batch)
+    f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+    for _ in range(steps):
+        v.step()
+    ips = steps * batch / (time.perf_counter() - t0)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / steps
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    print(f"{ips} {faults} {peak_mib}")
+
+
+def allocator_ab(args) -> None:
+    for name in args.models:
+        for batch in args.train_batches:
+            for threads in args.threads:
+                runs: dict[str, list] = {"default": [], "reuse": []}
+                for rnd in range(args.rounds):
+                    for mode in ("default", "reuse") if rnd % 2 == 0 else ("reuse", "default"):
+                        out = subprocess.run(
+                            [sys.executable, __file__, "--allocator-child", mode, name,
+                             str(batch), str(threads)], check=True, capture_output=True,
+                            text=True).stdout.split()
+                        runs[mode].append([float(x) for x in out[-3:]])
+                ratios = [r[0] / d[0] for r, d in zip(runs["reuse"], runs["default"], strict=True)]
+                print(f"{name} train bs{batch} t{threads} channels_last: reuse_freed_memory / "
+                      f"glibc default {statistics.median(ratios):.2f} [{min(ratios):.2f}-"
+                      f"{max(ratios):.2f}] over {len(ratios)} rounds; img/s "
+                      f"{statistics.median(r[0] for r in runs['reuse']):.0f} vs "
+                      f"{statistics.median(d[0] for d in runs['default']):.0f}; page faults/step "
+                      f"{statistics.median(r[1] for r in runs['reuse']):.0f} vs "
+                      f"{statistics.median(d[1] for d in runs['default']):.0f}; peak RSS MiB "
+                      f"{max(r[2] for r in runs['reuse']):.0f} vs "
+                      f"{max(d[2] for d in runs['default']):.0f}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["resnet20", "airbench"], choices=MODELS)
@@ -117,7 +170,15 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--chunk-s", type=float, default=3.0)
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--allocator-ab", action="store_true",
+                   help="only hardware.reuse_freed_memory against glibc's default, in processes")
+    p.add_argument("--allocator-child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.allocator_child:
+        mode, name, batch, threads = args.allocator_child
+        return allocator_child(mode, name, int(batch), int(threads))
+    if args.allocator_ab:
+        return allocator_ab(args)
     for name in args.models:
         torch.manual_seed(0)
         vs = variants(MODELS[name](), args)
