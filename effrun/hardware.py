@@ -132,6 +132,14 @@ def keep_freed_memory(on: bool = True) -> bool:
     return all(libc.mallopt(option, value) == 1 for option, value in settings.items())
 
 
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim), so that resident-size
+    growth measures what comes next even where `keep_freed_memory` has kept them; a no-op
+    elsewhere."""
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 @functools.cache  # once per process
 def _warn_no_glibc() -> None:
     log.warning("hardware.reuse_freed_memory needs glibc (found %s, libc %r): left off",

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from effrun.hardware import release_freed_memory
+
 
 def count_params(model: nn.Module) -> int:
     """Number of parameter elements (shared parameters counted once; buffers excluded)."""
@@ -130,7 +132,8 @@ def peak_memory_bytes(
     (default): growth of the process's peak resident set on Linux. Writing "5" to
     /proc/self/clear_refs resets VmHWM to the current RSS, so the result is VmHWM after `fn`
     minus RSS before it. That includes any memory `fn` touches (not just tensors) and, like RSS,
-    only pages actually written: `torch.empty` of untouched memory does not count.
+    only pages actually written: `torch.empty` of untouched memory does not count. Free heap pages
+    are handed back first, else memory kept by hardware.reuse_freed_memory would hide `fn`'s use.
     """
     if device is not None and torch.device(device).type == "cuda":
         device = torch.device(device)
@@ -140,6 +143,7 @@ def peak_memory_bytes(
         fn()
         torch.cuda.synchronize(device)
         return max(0, torch.cuda.max_memory_allocated(device) - baseline)
+    release_freed_memory()
     try:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")

@@ -95,7 +95,14 @@ def test_set_threads_restores():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
-def test_peak_memory_bytes_cpu():
+@pytest.mark.parametrize("reuse", [False, True], ids=["glibc_default", "reuse_freed_memory"])
+def test_peak_memory_bytes_cpu(reuse):
+    from effrun.hardware import keep_freed_memory
+
+    keep_freed_memory(reuse)
+    warm = torch.ones(60 * 2**20 // 4)  # leaves freed heap pages behind when they are kept
+    del warm
+
     def allocate_50mb():
         tensor = torch.ones(50 * 2**20 // 4)  # ones() writes every page, so RSS grows
         return float(tensor[0])
