@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from effrun import artifacts
 from effrun.benchmark import benchmark_models
 from effrun.context import ModelRecord, StageContext
+from effrun.data import BatchLoader
 from effrun.models import model_config_dict
 from effrun.profile import count_flops, count_params
 from effrun.schema import STAGE_ORDER, ConfigError, Resolved, validate
@@ -164,9 +165,9 @@ def init_from_data(model, data, seed: int, count: int = DATA_INIT_IMAGES) -> Non
         return
     generator = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(data.train_y), generator=generator)[:count]
-    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
-    std = torch.tensor(data.std).view(1, -1, 1, 1)
-    hook((data.train_x[pick].float() / 255 - mean) / std)
+    images, _ = next(iter(BatchLoader(data.train_x[pick], data.train_y[pick], len(pick),
+                                      mean=data.mean, std=data.std)))
+    hook(images)
     log.info("train: model initialised from %d training images", len(pick))
 
 

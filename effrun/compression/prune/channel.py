@@ -20,7 +20,11 @@ import torch_pruning as tp
 from torch import nn
 
 from effrun.compression.prune.common import finetune, match, prunable_layers, train_batches
-from effrun.compression.prune.sensitivity import analyze, follow_ratios
+from effrun.compression.prune.sensitivity import (
+    SensitivityOptions,
+    analyze,
+    follow_ratios,
+)
 from effrun.profile import count_flops, count_params
 
 KEY = "compression.prune"
@@ -77,7 +81,7 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
 
 
 @dataclass
-class ChannelPrune:
+class ChannelPrune(SensitivityOptions):
     ratio: float = 0.5  # share of channels removed per group (when target_macs_ratio is null)
     target_macs_ratio: float | None = None  # prune until MACs <= this share of the original
     importance: str = "l1"  # l1: L1 norm of the group's weights | taylor: |w * dL/dw|
@@ -90,10 +94,8 @@ class ChannelPrune:
     lr: float = 0.01  # fine-tuning learning rate (the run's optimizer, no warm-up)
     ignore: list[str] = field(default_factory=list)  # layers kept whole (the classifier always)
     taylor_batches: int = 4  # training batches whose gradients score channels (taylor)
-    sensitivity: bool = False  # prune each group alone first; writes sensitivity.csv
+    # sensitivity, sensitivity_samples, sensitivity_follow: see SensitivityOptions
     sensitivity_levels: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
-    sensitivity_samples: int = 1000  # images scored (val split if any, else a train sample)
-    sensitivity_follow: bool = False  # per-group ratios follow the sensitivity curves
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -112,10 +114,7 @@ class ChannelPrune:
                              f"and lr > 0 are required")
         if self.round_to is not None and self.round_to < 1:
             raise ValueError(f"{KEY}.round_to must be >= 1 or null, got {self.round_to}")
-        if not self.sensitivity_levels or not all(0 < v < 1 for v in self.sensitivity_levels):
-            raise ValueError(f"{KEY}.sensitivity_levels must be values in (0, 1)")
-        if self.sensitivity_follow and not self.sensitivity:
-            raise ValueError(f"{KEY}.sensitivity_follow needs {KEY}.sensitivity=true")
+        super().__post_init__()
 
     # -- helpers ---------------------------------------------------------------------------
     def _ignored(self, model: nn.Module) -> list[nn.Module]:

@@ -21,7 +21,11 @@ from effrun.compression.prune.common import (
     save_and_measure,
     select_layers,
 )
-from effrun.compression.prune.sensitivity import analyze, follow_ratios
+from effrun.compression.prune.sensitivity import (
+    SensitivityOptions,
+    analyze,
+    follow_ratios,
+)
 
 KEY = "compression.prune"
 SCOPES = ("global", "layer")
@@ -66,7 +70,7 @@ def agp_sparsity(final: float, step: int, end_step: int) -> float:
 
 
 @dataclass
-class MagnitudePrune:
+class MagnitudePrune(SensitivityOptions):
     sparsity: float = 0.5  # share of the selected layers' weights set to zero
     scope: str = "global"  # global: one threshold over all selected layers | layer: per layer
     schedule: str = "oneshot"  # oneshot: prune, then fine-tune | agp: prune gradually while tuning
@@ -77,10 +81,7 @@ class MagnitudePrune:
     layers: list[str] | None = None  # names/patterns to prune; null = all Conv2d/Linear
     exclude: list[str] = field(default_factory=list)
     skip_first_last: bool = True  # keep the first conv and the classifier dense
-    sensitivity: bool = False  # prune each layer alone first; writes sensitivity.csv
-    sensitivity_levels: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
-    sensitivity_samples: int = 1000  # images scored (val split if any, else a train sample)
-    sensitivity_follow: bool = False  # per-layer sparsities follow the sensitivity curves
+    # sensitivity, sensitivity_levels, sensitivity_samples, sensitivity_follow: SensitivityOptions
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
@@ -96,10 +97,7 @@ class MagnitudePrune:
             raise ValueError(f"{KEY}.finetune_epochs must be >= 0 and {KEY}.lr > 0")
         if not 0.0 < self.agp_end <= 1.0 or self.update_every < 1:
             raise ValueError(f"{KEY}.agp_end must be in (0, 1] and {KEY}.update_every >= 1")
-        if not self.sensitivity_levels or not all(0 < v < 1 for v in self.sensitivity_levels):
-            raise ValueError(f"{KEY}.sensitivity_levels must be values in (0, 1)")
-        if self.sensitivity_follow and not self.sensitivity:
-            raise ValueError(f"{KEY}.sensitivity_follow needs {KEY}.sensitivity=true")
+        super().__post_init__()
 
     def __call__(self, model: nn.Module, ctx) -> nn.Module:
         layers = select_layers(model, self.layers, self.exclude, self.skip_first_last, KEY)

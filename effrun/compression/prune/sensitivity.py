@@ -12,6 +12,7 @@ import copy
 import csv
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -26,6 +27,24 @@ log = logging.getLogger("effrun")
 # prune_one(model_copy, unit_name, level) prunes one unit of the copy in place (or returns a
 # new model); the analysis evaluates what it returns.
 PruneOne = Callable[[nn.Module, str, float], nn.Module | None]
+
+
+@dataclass
+class SensitivityOptions:
+    """The sensitivity keys of the prune methods that offer the analysis (a base of their config
+    dataclass; a method may override the default levels)."""
+
+    sensitivity: bool = False  # prune each layer/group alone first; writes sensitivity.csv
+    sensitivity_levels: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
+    sensitivity_samples: int = 1000  # images scored (val split if any, else a train sample)
+    sensitivity_follow: bool = False  # per-layer/group amounts follow the sensitivity curves
+
+    def __post_init__(self) -> None:
+        key = "compression.prune"
+        if not self.sensitivity_levels or not all(0 < v < 1 for v in self.sensitivity_levels):
+            raise ValueError(f"{key}.sensitivity_levels must be values in (0, 1)")
+        if self.sensitivity_follow and not self.sensitivity:
+            raise ValueError(f"{key}.sensitivity_follow needs {key}.sensitivity=true")
 
 
 def analyze(model: nn.Module, ctx, units: list[str], levels: list[float],

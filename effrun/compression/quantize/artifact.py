@@ -85,21 +85,6 @@ def is_aoti_package(path: Path) -> bool:
         return any("/data/aotinductor/" in n for n in z.namelist())
 
 
-class AOTIModel(nn.Module):
-    """An AOTInductor package runner as a module (it is compiled already: nothing to switch)."""
-
-    def __init__(self, runner):
-        super().__init__()
-        self.runner = runner
-
-    def train(self, mode: bool = True) -> AOTIModel:
-        self.training = mode
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.runner(x)
-
-
 def load_int8(path: Path) -> tuple[nn.Module, dict]:
     """ARTIFACT_LOADERS['.pt2']: a torch.export program or an AOTInductor package."""
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401 (fusion passes)
@@ -111,7 +96,7 @@ def load_int8(path: Path) -> tuple[nn.Module, dict]:
         sibling = path.with_name("model.pt2")
         meta = load_int8(sibling)[1] if sibling.is_file() and sibling != path else {}
         meta = {**meta, "compile_options": None, "aoti_package": True}
-        return AOTIModel(torch._inductor.aoti_load_package(str(path))), meta
+        return Int8Model(torch._inductor.aoti_load_package(str(path))), meta
     extra = {META_FILE: ""}
     try:
         ep = torch.export.load(path, extra_files=extra)

@@ -15,7 +15,7 @@ import operator
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -219,10 +219,11 @@ def float_bytes(model: nn.Module) -> int:
 
 
 class Int8Model(nn.Module):
-    """A converted pt2e graph as an ordinary module. Exported graphs refuse train()/eval();
-    an int8 graph has no train mode, so the flag is kept and nothing is switched."""
+    """A converted pt2e graph (or an AOTInductor package runner) as an ordinary module. Exported
+    graphs refuse train()/eval(); an int8 graph has no train mode, so the flag is kept and nothing
+    is switched."""
 
-    def __init__(self, gm: nn.Module):
+    def __init__(self, gm: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__()
         self.gm = gm
 
