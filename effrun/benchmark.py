@@ -21,7 +21,7 @@ from torch import nn
 from effrun.artifacts import load_model
 from effrun.evaluate import evaluate
 from effrun.hardware import Hardware
-from effrun.profile import (
+from effrun.measure import (
     artifact_size_bytes,
     count_flops,
     count_params,

@@ -21,7 +21,7 @@ from effrun.benchmark import benchmark_models
 from effrun.context import ModelRecord, StageContext
 from effrun.data import BatchLoader
 from effrun.models import model_config_dict
-from effrun.profile import count_flops, count_params
+from effrun.measure import count_flops, count_params
 from effrun.schema import STAGE_ORDER, ConfigError, Resolved, validate
 from effrun.summary import print_summary, summarize
 

@@ -14,15 +14,13 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from effrun.errors import ConfigError
+
 # The fixed order in which stages run, whatever order `stages` lists them in.
 STAGE_ORDER = ("train", "prune", "distill", "quantize", "benchmark")
 GROUPS = ("dataset", "model", "optimizer", "augmentation", "hardware")
 COMPRESSION_GROUPS = ("prune", "distill", "quantize")
 TTA_MODES = ("none", "flip", "flip_translate")
-
-
-class ConfigError(Exception):
-    """A config problem, reported as one line before any compute starts."""
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The training loop every stage shares: train, pruning fine-tune, distillation, QAT.
 
-One function, `fit`. It checkpoints every epoch (atomically) and resumes from the last finished
-epoch when the checkpoint file exists, so an interrupted run picks up where it stopped.
+One entry point, `fit`. It checkpoints every epoch (atomically) and resumes from the last
+finished epoch when the checkpoint file exists, so an interrupted run picks up where it stopped and
+ends with the same weights as an uninterrupted one. fp16 scales the loss with a GradScaler.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,10 +20,12 @@ from tqdm.auto import tqdm
 
 from effrun.artifacts import torch_save
 from effrun.data import Augmentation, BatchLoader, DataSplits
+from effrun.errors import EffrunError
 from effrun.evaluate import evaluate
 from effrun.hardware import Hardware
+from effrun.models.hooks import EpochStart
 from effrun.optim import OptimizerBase
-from effrun.schema import ConfigError, TrainConfig
+from effrun.schema import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +36,8 @@ StepHook = Callable[[nn.Module, int, int], None]
 NAN_CHECK_EVERY = 25  # steps; checking every step would force a device sync per step
 
 
-class TrainingDiverged(RuntimeError):
-    pass
+class TrainingDiverged(EffrunError):
+    """The loss became NaN or inf; the user fixes it with a lower lr or higher precision."""
 
 
 class EMA:
@@ -80,129 +84,179 @@ class Lookahead:
         torch._foreach_copy_(weights, averaged)
 
 
+@dataclass
+class LoopState:
+    """One `fit` call's settings and the objects built from them; `_resume` fills the last two."""
+
+    model: nn.Module
+    hw: Hardware
+    train: TrainConfig
+    epochs: int
+    desc: str
+    checkpoint: Path
+    loader: BatchLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: LossFn
+    after_step: StepHook | None
+    ema: EMA | None
+    lookahead: Lookahead | None
+    scaler: torch.amp.GradScaler | None
+    history: list[dict] = field(default_factory=list)
+    start_epoch: int = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loader)
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
 def fit(model: nn.Module, data: DataSplits, *, hw: Hardware, train: TrainConfig,
         optimizer: OptimizerBase, augment: Augmentation | None, checkpoint: Path, seed: int,
         fingerprint: str = "", epochs: int | None = None, loss_fn: LossFn | None = None,
         after_step: StepHook | None = None, desc: str = "train") -> dict:
     """Train `model` in place; returns {'history': [...], 'val_accuracy'?, 'test_accuracy'}."""
-    epochs = train.epochs if epochs is None else epochs
-    device = hw.torch_device
-    model = hw.prepare(model)
+    loop = _build_loop(hw.prepare(model), data, hw=hw, train=train, optimizer=optimizer,
+                       augment=augment, checkpoint=checkpoint, seed=seed,
+                       epochs=train.epochs if epochs is None else epochs, loss_fn=loss_fn,
+                       after_step=after_step, desc=desc)
+    _resume(loop, fingerprint)
+    step_model = hw.maybe_compile(loop.model)
+    for epoch in range(loop.start_epoch, loop.epochs):
+        record = _train_epoch(loop, step_model, epoch)
+        eval_note = _evaluate_epoch(loop, data, epoch, record)
+        loop.history.append(record)
+        log.info("%s epoch %d/%d  loss %.4f  train acc %.4f%s  %.0f img/s  %.1fs", desc,
+                 epoch + 1, loop.epochs, record["train_loss"], record["train_accuracy"],
+                 eval_note, record["images_per_s"], record["seconds"])
+        _save_checkpoint(loop, epoch, fingerprint)
+    return _final_result(loop, data)
+
+
+def _build_loop(model: nn.Module, data: DataSplits, *, hw: Hardware, train: TrainConfig,
+                optimizer: OptimizerBase, augment: Augmentation | None, checkpoint: Path,
+                seed: int, epochs: int, loss_fn: LossFn | None, after_step: StepHook | None,
+                desc: str) -> LoopState:
     n = len(data.train_y)
     loader = BatchLoader(data.train_x, data.train_y, train.batch_size, mean=data.mean,
                          std=data.std, shuffle=True, drop_last=n > train.batch_size,
-                         augment=augment, device=device, channels_last=hw.channels_last,
-                         seed=seed)
+                         augment=augment, device=hw.torch_device,
+                         channels_last=hw.channels_last, seed=seed)
     opt = optimizer.build(model)
     steps_per_epoch = len(loader)
     sched = optimizer.scheduler(opt, max(1, epochs * steps_per_epoch), steps_per_epoch)
     ema = EMA(model, train.ema_decay) if train.ema_decay else None
     lookahead = (Lookahead(model, train.lookahead_every, train.lookahead_decay)
                  if train.lookahead_every else None)
-    total_steps = epochs * steps_per_epoch
-    on_epoch_start = getattr(model, "on_epoch_start", None)  # optional model hook
     if loss_fn is None:
         ce = nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)
         loss_fn = lambda logits, inputs, labels: ce(logits, labels)  # noqa: E731
+    return LoopState(model=model, hw=hw, train=train, epochs=epochs, desc=desc,
+                     checkpoint=checkpoint, loader=loader, optimizer=opt, scheduler=sched,
+                     loss_fn=loss_fn, after_step=after_step, ema=ema, lookahead=lookahead,
+                     scaler=_grad_scaler(hw))
 
-    history: list[dict] = []
-    start_epoch = 0
-    if Path(checkpoint).exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        if state.get("fingerprint") != fingerprint:
-            raise ConfigError(f"{checkpoint} was written by a run with a different config: "
-                              f"use a new hydra.run.dir or delete that file")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.model.load_state_dict(state["ema"])
-        if lookahead is not None:
-            lookahead.state = state["lookahead"]
-        history, start_epoch = state["history"], state["epoch"]
-        torch.set_rng_state(state["rng"].cpu())
-        log.info("%s: resumed from %s after epoch %d/%d", desc, checkpoint, start_epoch, epochs)
 
-    step_model = hw.maybe_compile(model)
-    eval_x, eval_y, eval_name = ((data.val_x, data.val_y, "val") if data.val_x is not None
-                                 else (data.test_x, data.test_y, "test"))
-    for epoch in range(start_epoch, epochs):
-        if on_epoch_start is not None:
-            on_epoch_start(epoch)
-        model.train()
-        loader.set_epoch(epoch)
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        seen = 0
-        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=None,
-                   dynamic_ncols=True)
-        for i, (inputs, labels) in enumerate(bar):
-            with hw.autocast():
-                logits = step_model(inputs)
-            loss = loss_fn(logits.float(), inputs, labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if train.grad_clip_norm:
-                nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip_norm)
-            opt.step()
-            sched.step()
-            step = epoch * steps_per_epoch + i + 1
-            if lookahead is not None:
-                lookahead.step(model, step, total_steps)
-            if ema is not None:
-                ema.update(model)
-            if after_step is not None:
-                after_step(model, step, total_steps)
-            loss_sum += loss.detach() * len(labels)
-            correct += (logits.detach().argmax(1) == labels).sum()
-            seen += len(labels)
-            if (i + 1) % NAN_CHECK_EVERY == 0 or i + 1 == steps_per_epoch:
-                _check_finite(loss_sum, desc, epoch, i, checkpoint)
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
-                                acc=f"{correct.item() / seen:.3f}",
-                                ips=f"{seen / (time.perf_counter() - t0):.0f}")
-        bar.close()
-        seconds = time.perf_counter() - t0
-        # CPU seconds of this process (all threads): on a shared machine, the steadier figure.
-        cpu_seconds = time.process_time() - cpu0
-        record = {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(1, seen),
-                  "train_accuracy": correct.item() / max(1, seen),
-                  "lr": opt.param_groups[0]["lr"], "seconds": seconds, "cpu_seconds": cpu_seconds,
-                  "images_per_s": seen / seconds}
-        eval_note = ""
-        if train.eval_every and ((epoch + 1) % train.eval_every == 0 or epoch + 1 == epochs):
-            # Per-epoch evaluation skips TTA (it doubles eval time); the final figure uses it.
-            metrics = evaluate(ema.model if ema is not None else model, eval_x, eval_y, data,
-                               hw, batch_size=train.eval_batch_size)
-            record[f"{eval_name}_accuracy"] = metrics["accuracy"]
-            record[f"{eval_name}_loss"] = metrics["loss"]
-            eval_note = f"  {eval_name} acc {metrics['accuracy']:.4f}"
-        history.append(record)
-        log.info("%s epoch %d/%d  loss %.4f  train acc %.4f%s  %.0f img/s  %.1fs", desc,
-                 epoch + 1, epochs, record["train_loss"], record["train_accuracy"], eval_note,
-                 record["images_per_s"], seconds)
-        torch_save({"fingerprint": fingerprint, "epoch": epoch + 1, "model": model.state_dict(),
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "ema": ema.model.state_dict() if ema is not None else {},
-                    "lookahead": lookahead.state if lookahead is not None else {},
-                    "history": history, "rng": torch.get_rng_state()}, checkpoint)
+def _grad_scaler(hw: Hardware) -> torch.amp.GradScaler | None:
+    # fp16 has 5 exponent bits: small gradients flush to zero unless the loss is scaled up first.
+    # bf16 has fp32's exponent range, so bf16 and fp32 train unscaled.
+    if hw.autocast_dtype != torch.float16:
+        return None
+    return torch.amp.GradScaler(hw.torch_device.type)
 
-    if ema is not None:
-        model.load_state_dict(ema.model.state_dict())
-    result: dict = {"history": history, "epochs": epochs}
-    final = evaluate(model, data.test_x, data.test_y, data, hw,
-                     batch_size=train.eval_batch_size, tta=train.tta)
-    result["test_accuracy"], result["test_loss"] = final["accuracy"], final["loss"]
-    if data.val_x is not None:
-        result["val_accuracy"] = (history[-1].get("val_accuracy") if history else None)
-        if result["val_accuracy"] is None:  # eval_every=0 or nothing trained
-            result["val_accuracy"] = evaluate(model, data.val_x, data.val_y, data, hw,
-                                              batch_size=train.eval_batch_size)["accuracy"]
-    if history:
-        result["train_seconds"] = sum(h["seconds"] for h in history)
-        result["images_per_s"] = history[-1]["images_per_s"]
-    return result
+
+def _resume(loop: LoopState, fingerprint: str) -> None:
+    """Load the checkpoint into `loop` when an earlier run of this stage left one."""
+    if not Path(loop.checkpoint).exists():
+        return
+    state = torch.load(loop.checkpoint, map_location=loop.hw.torch_device, weights_only=True)
+    if state.get("fingerprint") != fingerprint:
+        raise EffrunError(f"{loop.checkpoint} was written by a run with a different config: "
+                          f"use a new hydra.run.dir or delete that file")
+    loop.model.load_state_dict(state["model"])
+    loop.optimizer.load_state_dict(state["optimizer"])
+    loop.scheduler.load_state_dict(state["scheduler"])
+    if loop.ema is not None:
+        loop.ema.model.load_state_dict(state["ema"])
+    if loop.lookahead is not None:
+        loop.lookahead.state = state["lookahead"]
+    # Checkpoints written before the scaler and CUDA RNG were saved lack those keys; such a run
+    # resumes with a fresh scaler and the CUDA generators as they are.
+    if loop.scaler is not None and state.get("scaler") is not None:
+        loop.scaler.load_state_dict(state["scaler"])
+    loop.history, loop.start_epoch = state["history"], state["epoch"]
+    torch.set_rng_state(state["rng"].cpu())  # map_location moved it; the setter wants CPU
+    cuda_rng = state.get("cuda_rng")
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda_rng[:torch.cuda.device_count()]])
+    log.info("%s: resumed from %s after epoch %d/%d", loop.desc, loop.checkpoint,
+             loop.start_epoch, loop.epochs)
+
+
+def _train_epoch(loop: LoopState, step_model: Callable, epoch: int) -> dict:
+    """One pass over the training data; returns the epoch's history record (no eval yet)."""
+    if isinstance(loop.model, EpochStart):
+        loop.model.on_epoch_start(epoch)
+    loop.model.train()
+    loop.loader.set_epoch(epoch)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    # Summed on the device; reading them every step would force a sync per step.
+    loss_sum = torch.zeros((), device=loop.hw.torch_device)
+    correct = torch.zeros((), device=loop.hw.torch_device)
+    seen = 0
+    bar = tqdm(loop.loader, desc=f"{loop.desc} {epoch + 1}/{loop.epochs}", leave=False,
+               disable=None, dynamic_ncols=True)
+    for i, (inputs, labels) in enumerate(bar):
+        step = epoch * loop.steps_per_epoch + i + 1
+        loss, logits = _train_step(loop, step_model, inputs, labels, step)
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += len(labels)
+        if (i + 1) % NAN_CHECK_EVERY == 0 or i + 1 == loop.steps_per_epoch:
+            _check_finite(loss_sum, loop.desc, epoch, i, loop.checkpoint)
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
+                            acc=f"{correct.item() / seen:.3f}",
+                            ips=f"{seen / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    # CPU seconds of this process (all threads): on a shared machine, the steadier figure.
+    cpu_seconds = time.process_time() - cpu0
+    return {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(1, seen),
+            "train_accuracy": correct.item() / max(1, seen),
+            "lr": loop.optimizer.param_groups[0]["lr"], "seconds": seconds,
+            "cpu_seconds": cpu_seconds, "images_per_s": seen / seconds}
+
+
+def _train_step(loop: LoopState, step_model: Callable, inputs: torch.Tensor,
+                labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward and optimizer step number `step` (1-based); returns (loss, logits)."""
+    with loop.hw.autocast():
+        logits = step_model(inputs)
+    loss = loop.loss_fn(logits.float(), inputs, labels)
+    opt, scaler = loop.optimizer, loop.scaler
+    opt.zero_grad(set_to_none=True)
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if loop.train.grad_clip_norm:
+        if scaler is not None:
+            scaler.unscale_(opt)  # the clip threshold is for the true gradients
+        nn.utils.clip_grad_norm_(loop.model.parameters(), loop.train.grad_clip_norm)
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)  # skips the update when the scaled gradients overflowed
+        scaler.update()
+    # The schedule follows the step count, also past an update the scaler skipped.
+    loop.scheduler.step()
+    if loop.lookahead is not None:
+        loop.lookahead.step(loop.model, step, loop.total_steps)
+    if loop.ema is not None:
+        loop.ema.update(loop.model)
+    if loop.after_step is not None:
+        loop.after_step(loop.model, step, loop.total_steps)
+    return loss, logits
 
 
 def _check_finite(loss_sum: torch.Tensor, desc: str, epoch: int, step: int, ckpt: Path) -> None:
@@ -211,3 +265,52 @@ def _check_finite(loss_sum: torch.Tensor, desc: str, epoch: int, step: int, ckpt
         raise TrainingDiverged(f"{desc}: loss became {loss_sum.item()} at epoch {epoch + 1} "
                                f"step {step + 1}; lower optimizer.lr or use hardware.precision="
                                f"fp32 ({kept})")
+
+
+def _evaluate_epoch(loop: LoopState, data: DataSplits, epoch: int, record: dict) -> str:
+    """Add val (else test) metrics to `record` on eval epochs; returns a note for the log line."""
+    every, last = loop.train.eval_every, epoch + 1 == loop.epochs
+    if not every or ((epoch + 1) % every and not last):
+        return ""
+    x, y, split = ((data.val_x, data.val_y, "val") if data.val_x is not None
+                   else (data.test_x, data.test_y, "test"))
+    # Per-epoch evaluation skips TTA (it doubles eval time); the final figure uses it.
+    metrics = evaluate(loop.ema.model if loop.ema is not None else loop.model, x, y, data,
+                       loop.hw, batch_size=loop.train.eval_batch_size)
+    record[f"{split}_accuracy"] = metrics["accuracy"]
+    record[f"{split}_loss"] = metrics["loss"]
+    return f"  {split} acc {metrics['accuracy']:.4f}"
+
+
+def _save_checkpoint(loop: LoopState, epoch: int, fingerprint: str) -> None:
+    """Everything `_resume` needs to continue after `epoch` exactly as an unbroken run would."""
+    on_cuda = loop.hw.torch_device.type == "cuda"
+    torch_save({"fingerprint": fingerprint, "epoch": epoch + 1,
+                "model": loop.model.state_dict(), "optimizer": loop.optimizer.state_dict(),
+                "scheduler": loop.scheduler.state_dict(),
+                "ema": loop.ema.model.state_dict() if loop.ema is not None else {},
+                "lookahead": loop.lookahead.state if loop.lookahead is not None else {},
+                "scaler": loop.scaler.state_dict() if loop.scaler is not None else None,
+                "history": loop.history, "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if on_cuda else None},
+               loop.checkpoint)
+
+
+def _final_result(loop: LoopState, data: DataSplits) -> dict:
+    """The model takes the EMA weights, if any; then the final (TTA) test figures."""
+    model, history, batch_size = loop.model, loop.history, loop.train.eval_batch_size
+    if loop.ema is not None:
+        model.load_state_dict(loop.ema.model.state_dict())
+    result: dict = {"history": history, "epochs": loop.epochs}
+    final = evaluate(model, data.test_x, data.test_y, data, loop.hw, batch_size=batch_size,
+                     tta=loop.train.tta)
+    result["test_accuracy"], result["test_loss"] = final["accuracy"], final["loss"]
+    if data.val_x is not None:
+        result["val_accuracy"] = history[-1].get("val_accuracy") if history else None
+        if result["val_accuracy"] is None:  # eval_every=0 or nothing trained
+            result["val_accuracy"] = evaluate(model, data.val_x, data.val_y, data, loop.hw,
+                                              batch_size=batch_size)["accuracy"]
+    if history:
+        result["train_seconds"] = sum(h["seconds"] for h in history)
+        result["images_per_s"] = history[-1]["images_per_s"]
+    return result

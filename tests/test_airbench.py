@@ -14,7 +14,7 @@ from effrun.data import SyntheticData
 from effrun.hardware import Hardware
 from effrun.models import Airbench, build_model, model_config_dict
 from effrun.optim import SGD
-from effrun.profile import count_params, set_threads
+from effrun.measure import count_params, set_threads
 from effrun.schema import TrainConfig
 from effrun.train import fit
 

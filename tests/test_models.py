@@ -21,7 +21,7 @@ from effrun.models import (
     load_state_into,
     model_config_dict,
 )
-from effrun.profile import count_flops, count_params, set_threads
+from effrun.measure import count_flops, count_params, set_threads
 
 # The configs ship inside the package (the top-level configs/ links to effrun/configs).
 MODEL_YAMLS = sorted((Path(effrun.__file__).parent / "configs" / "model").glob("*.yaml"))

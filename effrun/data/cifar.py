@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 import torchvision
 
-from effrun.data.folder import load_tree_splits
+from effrun.data.image_tree import load_tree_splits
 from effrun.data.splits import DatasetBase, DataSplits
 
 
@@ -21,7 +21,7 @@ class _CIFARBase(DatasetBase):
       1. torchvision's: root/cifar-10-batches-py/ (CIFAR-10) or root/cifar-100-python/
          (CIFAR-100), read straight from its uint8 arrays.
       2. an ImageFolder tree: root/train/<class>/*.png|jpg... and root/test/<class>/ (or val/),
-         decoded once and cached (see effrun.data.folder); images are resized to 32x32 if needed.
+         decoded once and cached (see effrun.data.image_tree); images are resized to 32x32 if needed.
       3. neither, with download=true: torchvision downloads layout 1 into root.
     Otherwise FileNotFoundError says which keys to set.
     """

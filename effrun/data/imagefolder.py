@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import MISSING
 
-from effrun.data.folder import load_tree_splits
+from effrun.data.image_tree import load_tree_splits
 from effrun.data.splits import DatasetBase, DataSplits
 
 
@@ -18,7 +18,7 @@ class ImageFolderData(DatasetBase):
     root: required. image_size: resize every image to image_size x image_size (aspect ratio
     not kept); None keeps the native size, which all images must then share.
     Grey, RGBA and palette images are converted to RGB. Decoded once, then read from the
-    cache (see effrun.data.folder).
+    cache (see effrun.data.image_tree).
     """
 
     root: str = MISSING

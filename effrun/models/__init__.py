@@ -20,7 +20,7 @@ from torch import nn
 from effrun.models.airbench import Airbench
 from effrun.models.cifar_resnet import CifarResNet, ResNet18Cifar
 from effrun.models.mobilenetv2 import MobileNetV2Cifar
-from effrun.models.tv import TorchvisionModel
+from effrun.models.torchvision_models import TorchvisionModel
 
 __all__ = [
     "Airbench",

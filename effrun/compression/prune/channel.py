@@ -25,7 +25,7 @@ from effrun.compression.prune.sensitivity import (
     analyze,
     follow_ratios,
 )
-from effrun.profile import count_flops, count_params
+from effrun.measure import count_flops, count_params
 
 KEY = "compression.prune"
 IMPORTANCES = ("l1", "taylor")

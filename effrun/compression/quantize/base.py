@@ -32,7 +32,7 @@ from effrun.compression.quantize.common import (
     preflight,
 )
 from effrun.compression.quantize.fallback import accuracy_fallback
-from effrun.profile import count_flops, count_params
+from effrun.measure import count_flops, count_params
 
 log = logging.getLogger("effrun")
 EVAL_BATCH = 500

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from effrun.profile import (
+from effrun.measure import (
     artifact_size_bytes,
     count_flops,
     count_params,
