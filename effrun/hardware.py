@@ -19,15 +19,36 @@ log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": None}
 
 
-@functools.cache  # asked on every autocast() call, i.e. every training step
+@functools.cache  # read once per process
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this CPU from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 autocast is
     emulated and was measured ~10x slower than fp32 for ResNet-20 training (AVX2 AMD EPYC)."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def cpu_int8_isa() -> str:
+    """The best int8 dot-product instructions of this CPU: amx, avx512_vnni, avx_vnni, avx2,
+    none, or unknown where /proc/cpuinfo cannot be read."""
+    flags = cpu_flags()
+    if not flags:
+        return "unknown"
+    for flag, name in (("amx_int8", "amx"), ("avx512_vnni", "avx512_vnni"),
+                       ("avx_vnni", "avx_vnni"), ("avx2", "avx2")):
+        if flag in flags:
+            return name
+    return "none"
 
 
 @dataclass
@@ -105,8 +126,11 @@ class Hardware:
         """Move a model to the device in the configured memory format."""
         return model.to(self.torch_device, memory_format=self.memory_format)
 
-    def maybe_compile(self, fn):
-        return torch.compile(fn) if self.compile else fn
+    def maybe_compile(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`model` compiled (torch's own dynamic-shape default) when hardware.compile is on."""
+        from effrun.compile import Compiled
+
+        return Compiled(model, dynamic=None) if self.compile else model
 
 
 def keep_freed_memory(on: bool = True) -> bool:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,6 +15,42 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from effrun.hardware import release_freed_memory
+
+log = logging.getLogger("effrun")
+
+
+@dataclass
+class ModelFigures:
+    """Size figures of one model: parameter count, FLOPs of a 1-image forward (None where the
+    graph cannot be counted) and `weight_bytes`, the bytes of the tensors it reads when it runs
+    (parameters and buffers; for int8, the int8 weights, scales and zero points). The artifact
+    file's size is a separate figure, `file_bytes`."""
+
+    params: int
+    flops: int | None
+    weight_bytes: int
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of distinct tensor storages (a tensor shared by two names counts once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def model_figures(model: nn.Module, image_size: tuple[int, int], channels: int = 3
+                  ) -> ModelFigures:
+    """Params, FLOPs (of one image) and weight bytes of an nn.Module."""
+    try:
+        flops = count_flops(model, (1, channels, *image_size))
+    except Exception as e:  # some exported/quantized graphs cannot be counted; say so, go on
+        log.warning("FLOPs not counted for this model: %s", str(e).splitlines()[0])
+        flops = None
+    return ModelFigures(params=count_params(model), flops=flops,
+                        weight_bytes=tensor_bytes([*model.parameters(), *model.buffers()]))
 
 
 def count_params(model: nn.Module) -> int:

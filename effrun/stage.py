@@ -49,6 +49,7 @@ from torch import nn
 from effrun.data import Augmentation, DataSplits
 from effrun.evaluate import evaluate
 from effrun.hardware import Hardware
+from effrun.measure import ModelFigures
 from effrun.schema import TrainConfig
 from effrun.train import LossFn, StepHook, fit
 
@@ -82,15 +83,6 @@ class Deployment:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in source.items() if k in known and v is not None}
         return cls(**values)
-
-
-@dataclass
-class ModelFigures:
-    """Size figures of a model: parameters, FLOPs of one image, bytes of the tensors it reads."""
-
-    params: int
-    flops: int | None
-    weight_bytes: int
 
 
 @dataclass

@@ -20,9 +20,11 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from effrun.compile import FUSED_INT8_OP, Compiled, compile_and_list_kernels  # noqa: F401
 from effrun.data import BatchLoader
 from effrun.evaluate import evaluate
-from effrun.hardware import Hardware
+from effrun.hardware import Hardware, cpu_int8_isa
+from effrun.measure import tensor_bytes
 from effrun.schema import ConfigError
 
 log = logging.getLogger("effrun")
@@ -33,8 +35,6 @@ MAX_BATCH = 4096  # upper bound of the exported dynamic batch dimension
 # Inductor settings the int8 graph must be compiled with: freezing turns weights into constants,
 # which the x86 int8 fusion passes need to prepack them for oneDNN.
 COMPILE_OPTIONS = {"freezing": True}
-# Fused oneDNN int8 kernels as named in Inductor's generated code (Python or C++ wrapper).
-FUSED_INT8_OP = re.compile(r"(?:onednn\.|aoti_torch_cpu__)(q(?:conv|linear)\w*)")
 QUANT_OPS = ("quantized_decomposed.", "onednn.q")
 # The layer types the x86 int8 path runs in int8; other weight layers stay float.
 INT8_LAYERS = (nn.Conv2d, nn.Linear)
@@ -48,19 +48,6 @@ class QuantizeError(ConfigError):
 def _version(dist: str) -> tuple[int, ...]:
     raw = importlib.metadata.version(dist)
     return tuple(int(p) for p in re.findall(r"\d+", raw.split("+")[0])[:2])
-
-
-def cpu_int8_isa() -> str:
-    """The best int8 dot-product instructions of this CPU: amx, avx512_vnni, avx_vnni or none."""
-    try:
-        flags = set(open("/proc/cpuinfo").read().split())
-    except OSError:
-        return "unknown"
-    for flag, name in (("amx_int8", "amx"), ("avx512_vnni", "avx512_vnni"),
-                       ("avx_vnni", "avx_vnni")):
-        if flag in flags:
-            return name
-    return "avx2" if "avx2" in flags else "none"
 
 
 def find_compiler() -> str | None:
@@ -199,15 +186,6 @@ def lean_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule({t: operator.attrgetter(t)(gm) for t in used}, gm.graph)
 
 
-def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-            seen.add(t.untyped_storage().data_ptr())
-            total += t.numel() * t.element_size()
-    return total
-
-
 def graph_bytes(gm: torch.fx.GraphModule) -> int:
     """Bytes of the tensors the graph reads (int8 weights, scales, zero points, float biases)."""
     return tensor_bytes(operator.attrgetter(n.target)(gm) for n in gm.graph.nodes
@@ -233,39 +211,6 @@ class Int8Model(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gm(x)
-
-
-class Compiled(nn.Module):
-    """torch.compile of a model, every (re)compilation under the given Inductor settings."""
-
-    def __init__(self, model: nn.Module, options: dict | None = None,
-                 dynamic: bool | None = None):
-        super().__init__()
-        self.model, self.options = model, dict(COMPILE_OPTIONS if options is None else options)
-        self.compiled = torch.compile(model, dynamic=dynamic)
-
-    def train(self, mode: bool = True) -> Compiled:
-        self.training = mode
-        self.model.train(mode)
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch._inductor.config.patch(**self.options):
-            return self.compiled(x)
-
-
-def compile_and_list_kernels(compiled: Compiled, example: torch.Tensor) -> dict[str, int]:
-    """First call of a Compiled model; returns how often each fused int8 kernel appears in the
-    code Inductor generated (empty: the int8 patterns were not fused)."""
-    from torch._inductor.utils import run_and_get_code
-
-    with torch.no_grad(), torch._inductor.config.patch(**compiled.options):
-        _, codes = run_and_get_code(compiled.compiled, example)
-    counts: dict[str, int] = {}
-    for op in FUSED_INT8_OP.findall("\n".join(codes)):
-        op = op.removesuffix("_tensor")  # the C++ wrapper's name for the same kernel
-        counts[op] = counts.get(op, 0) + 1
-    return counts
 
 
 def plain_cpu() -> Hardware:
