@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from effrun.errors import EffrunError
+
 MODEL_FILE = "model.pt"
 
 
@@ -99,15 +101,16 @@ def git_sha() -> str | None:
 
 
 def save_model(model: nn.Module, path: Path, *, model_config: dict, num_classes: int,
-               stage: str, extra: dict | None = None) -> Path:
-    """A self-describing checkpoint: weights + what rebuilds the network + where it came from.
+               stage: str, deploy: dict | None = None, extra: dict | None = None) -> Path:
+    """A self-describing checkpoint: weights + what rebuilds the network + where it came from +
+    how it runs (`deploy`, see effrun.stage.Deployment) + the stage's `extra` entries.
 
     Only tensors and plain containers go in, so it loads with torch.load(weights_only=True).
     """
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch_save({"format": "effrun.model/1", "stage": stage, "model_config": dict(model_config),
-                "num_classes": int(num_classes), "state_dict": state, "extra": extra or {}},
-               path)
+                "num_classes": int(num_classes), "deploy": deploy or {}, "state_dict": state,
+                "extra": extra or {}}, path)
     return Path(path)
 
 
@@ -115,11 +118,11 @@ def read_model_file(path: Path) -> dict:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f"model artifact not found: {path}") from None
+        raise EffrunError(f"model artifact not found: {path}") from None
     except Exception as e:
-        raise ValueError(f"cannot load model artifact {path}: {str(e).splitlines()[0]}") from None
+        raise EffrunError(f"cannot load model artifact {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(blob, dict) or blob.get("format") != "effrun.model/1":
-        raise ValueError(f"{path} is not an effrun model artifact (no 'format: effrun.model/1')")
+        raise EffrunError(f"{path} is not an effrun model artifact (no 'format: effrun.model/1')")
     return blob
 
 

@@ -2,35 +2,39 @@
 
 Accuracy comes from the reloaded artifact (so a broken save shows up here), latency from timed
 calls after warm-up at each batch size and thread count, eager and — with hardware.compile, or
-when the artifact's metadata gives compile options — compiled, so the gain of compilation is
-visible. An artifact whose metadata names a reference (`compare_to`, e.g. int8 → its float
+when the artifact's `Deployment` gives compile options — compiled, so the gain of compilation is
+visible. An artifact whose deployment names a reference (`compare_to`, e.g. int8 → its float
 parent) is timed against it point by point, and flagged where it is not faster or where the
-fused kernels it expects did not appear.
+fused kernels it expects did not appear. How an artifact runs is read only from its
+`Deployment` (effrun/stage.py), never from other metadata keys.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import re
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from effrun.artifacts import load_model
+from effrun.compile import Compiled, compile_and_list_kernels
 from effrun.evaluate import evaluate
 from effrun.hardware import Hardware
 from effrun.measure import (
     artifact_size_bytes,
-    count_flops,
-    count_params,
     measure_latency,
+    model_figures,
     peak_memory_bytes,
     set_threads,
 )
+from effrun.stage import Deployment
 
 log = logging.getLogger("effrun")
+
+FIGURES = ("params", "flops", "weight_bytes")
 
 
 class Inference(nn.Module):
@@ -47,147 +51,181 @@ class Inference(nn.Module):
             return self.model(x)
 
 
-def benchmark_models(records, data, r) -> list[dict]:
+@dataclass
+class Deployed:
+    """A model made ready to run as its `Deployment` says: the eager form and every timed
+    variant ("eager", and "compiled" when hardware.compile or the deployment asks for it)."""
+
+    deploy: Deployment
+    eager: Inference
+    variants: dict[str, nn.Module]
+
+    @property
+    def scored(self) -> nn.Module:
+        """The form accuracy is scored on: an artifact that must be compiled to run as intended
+        (int8) is scored compiled (its eager form runs slow reference kernels with slightly
+        different rounding)."""
+        return self.variants["compiled"] if self.deploy.compile_options is not None else self.eager
+
+
+def benchmark_models(records, data, config) -> list[dict]:
+    """Benchmark every record's artifact; `config` is the validated config (effrun.schema)."""
     results = []
     for rec in records:
         log.info("benchmark: %s (%s)", rec.stage, rec.artifact)
         model, meta = load_model(rec.artifact)
-        results.append(benchmark_one(model, meta, rec, data, r))
+        results.append(benchmark_one(model, meta, rec, data, config))
     return results
 
 
-def benchmark_one(model: nn.Module, meta: dict, rec, data, r) -> dict:
-    """Accuracy, size and latency of one artifact. Metadata can ask for more (int8 does):
-    `compile_options` (Inductor settings; also compiles without hardware.compile),
-    `expected_kernels` (a regex the compiled code must match, else a flag) and `compare_to`
-    (a reference artifact timed the same way, each ratio reported, slower points flagged)."""
-    hw, bcfg = r.hardware, r.run.benchmark
-    inference, variants, native = _variants(model, meta, hw)
-    # Top-1 as deployed: an artifact that must be compiled to run as intended (int8) is scored
-    # compiled (its eager form runs slow reference kernels with slightly different rounding).
-    scored = variants["compiled"] if meta.get("compile_options") is not None else inference
-    eval_hw = replace(hw, channels_last=False) if native else hw  # native: inputs as they come
-    shape = (3, *data.image_size)
+def benchmark_one(model: nn.Module, meta: dict, rec, data, config) -> dict:
+    """Accuracy, size and latency of one artifact, run as its `Deployment` says: its precision,
+    `compile_options` (also compiles without hardware.compile), `expected_kernels` (fused
+    kernels the compiled code must call, else a flag) and `compare_to` (a reference artifact
+    timed the same way, each ratio reported, slower points flagged)."""
+    hw = config.hardware
+    deploy = Deployment.from_meta(meta)
+    figures = size_figures(model, rec, data)  # before the model is moved or compiled
+    target = deploy_model(model, deploy, hw)
     flags: list[str] = []
-    found = None
-    if "compiled" in variants and meta.get("expected_kernels"):  # compiles at the eval shape
-        eval_shape = (min(r.run.train.eval_batch_size, len(data.test_y)), *shape)
-        found = _kernels(variants["compiled"], torch.randn(eval_shape, device=hw.torch_device),
-                         meta["expected_kernels"], flags)
-    acc = evaluate(scored, data.test_x, data.test_y, data, eval_hw,
-                   batch_size=r.run.train.eval_batch_size, tta=r.run.train.tta)
-    out = {"stage": rec.stage, "artifact": str(rec.artifact), "accuracy": acc["accuracy"],
-           "params": rec.metrics.get("params") or count_params(model),
-           "flops": rec.metrics.get("flops") or _try_flops(model, shape),
-           "size_bytes": meta.get("size_bytes") or artifact_size_bytes(rec.artifact),
-           "artifact_bytes": artifact_size_bytes(rec.artifact), "latency": [], "flags": flags}
+    found = expected_kernels(target, data, config, flags)  # compiles at the eval shape
+    out = {"stage": rec.stage, "artifact": str(rec.artifact),
+           "accuracy": score(target, data, config), **figures, "latency": [], "flags": flags}
     if found is not None:
         out["kernels_found"] = found
-    reference = _reference(meta, hw)
+    reference = load_reference(deploy, hw)
     if reference is not None:
-        out["vs_reference"] = {"artifact": meta["compare_to"], "points": []}
-    threads_list = bcfg.threads or [torch.get_num_threads()]
-    for threads in threads_list:
-        with set_threads(threads):
-            for bs in bcfg.batch_sizes:
-                example = torch.randn(bs, *shape, device=hw.torch_device)
-                for mode, fn in variants.items():
-                    m = _measure(fn, example, native, hw, bcfg)
-                    out["latency"].append({"threads": threads, "mode": mode, **m})
-                    _log_point(mode, threads, bs, m)
-                    if reference is None or mode not in reference[1]:
-                        continue
-                    ref = _measure(reference[1][mode], example, reference[2], hw, bcfg)
-                    ratio = m["latency_ms_p50"] / ref["latency_ms_p50"]
-                    out["vs_reference"]["points"].append(
-                        {"threads": threads, "batch_size": bs, "mode": mode, "ratio": ratio,
-                         "latency_ms_p50": m["latency_ms_p50"],
-                         "reference_latency_ms_p50": ref["latency_ms_p50"]})
-                    log.info("  %-8s threads=%d batch=%-4d reference p50 %.3f ms -> ratio %.3f",
-                             mode, threads, bs, ref["latency_ms_p50"], ratio)
-                    if ratio >= 1:
-                        out["flags"].append(f"not faster than {meta['compare_to']} ({mode}, "
-                                            f"batch {bs}, {threads} threads): ratio {ratio:.2f}")
-    big = torch.randn(max(bcfg.batch_sizes), *shape, device=hw.torch_device)
-    with torch.inference_mode():
-        out["peak_memory_bytes"] = peak_memory_bytes(lambda: inference(big),
-                                                     device=hw.torch_device)
-    out["precision"] = meta.get("precision") or hw.resolved_precision
-    for flag in out["flags"]:
+        out["vs_reference"] = {"artifact": deploy.compare_to, "points": []}
+    time_all(target, reference, data, config, out)
+    out["peak_memory_bytes"] = peak_memory(target, data, config)
+    out["precision"] = deploy.precision if deploy.native else hw.resolved_precision
+    for flag in flags:
         log.warning("benchmark %s: %s", rec.stage, flag)
     return out
 
 
-def _variants(model: nn.Module, meta: dict, hw: Hardware) -> tuple[nn.Module, dict, bool]:
-    # Float models run as the run trains them (autocast precision, memory format); a model that
-    # carries its own numerics (e.g. int8) says so in its metadata and runs as it is.
-    native = meta.get("precision") not in (None, "float")
-    model = model.to(hw.torch_device) if native else hw.prepare(model)
+def size_figures(model: nn.Module, rec, data) -> dict:
+    """params, flops, weight_bytes (the bytes of the tensors the deployed model reads) and
+    file_bytes (the artifact file's size). The first three come from the stage's metrics when
+    it recorded them; a model given by init_from has none, so it is measured here."""
+    metrics = getattr(rec, "metrics", None) or {}
+    if all(k in metrics for k in FIGURES):
+        figures = {k: metrics[k] for k in FIGURES}
+    else:
+        figures = vars(model_figures(model, data.image_size)).copy()
+    return {**figures, "file_bytes": artifact_size_bytes(rec.artifact)}
+
+
+def deploy_model(model: nn.Module, deploy: Deployment, hw: Hardware) -> Deployed:
+    """Float models run as the run trains them (autocast precision, memory format); a native
+    one (int8) carries its own numerics and runs as it is, on the run's device."""
+    model = model.to(hw.torch_device) if deploy.native else hw.prepare(model)
     model.eval()
-    inference = Inference(model, hw, autocast=not native)
-    variants = {"eager": inference}
-    options = meta.get("compile_options")
-    if hw.compile or options is not None:
-        variants["compiled"] = Compiled(inference, options or {})
-    return inference, variants, native
+    eager = Inference(model, hw, autocast=not deploy.native)
+    variants: dict[str, nn.Module] = {"eager": eager}
+    if hw.compile or deploy.compile_options is not None:
+        variants["compiled"] = Compiled(eager, deploy.compile_options or {}, dynamic=False)
+    return Deployed(deploy, eager, variants)
 
 
-def _reference(meta: dict, hw: Hardware):
+def load_reference(deploy: Deployment, hw: Hardware) -> Deployed | None:
     """The artifact this one is compared against, compiled with the same Inductor settings."""
-    path = meta.get("compare_to")
+    path = deploy.compare_to
     if not path:
         return None
     if not Path(path).exists():
         log.warning("benchmark: reference artifact %s is gone; no comparison", path)
         return None
     ref_model, ref_meta = load_model(Path(path))
-    ref_meta = {**ref_meta, "compile_options": meta.get("compile_options")}
-    return _variants(ref_model, ref_meta, hw)
+    ref_deploy = dataclasses.replace(Deployment.from_meta(ref_meta),
+                                     compile_options=deploy.compile_options)
+    return deploy_model(ref_model, ref_deploy, hw)
 
 
-class Compiled(nn.Module):
-    """torch.compile of `fn`; every (re)compilation runs under the given Inductor settings.
-    Static shapes: each batch size gets its own graph, as a deployment at that batch would (a
-    graph recompiled with a symbolic batch was measured ~5x slower at batch 1 on the CPU)."""
-
-    def __init__(self, fn: nn.Module, options: dict):
-        super().__init__()
-        self.fn, self.options = fn, options
-        self.compiled = torch.compile(fn, dynamic=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch._inductor.config.patch(**self.options):
-            return self.compiled(x)
+def eval_hardware(target: Deployed, hw: Hardware) -> Hardware:
+    """How inputs are fed: a native model takes them as they come (contiguous)."""
+    return dataclasses.replace(hw, channels_last=False) if target.deploy.native else hw
 
 
-def _kernels(fn: Compiled, example: torch.Tensor, pattern: str, flags: list[str]) -> list[str]:
-    """First call of a compiled model: the kernels matching `pattern` in the generated code."""
-    from torch._inductor.utils import run_and_get_code
-
-    with torch.inference_mode(), torch._inductor.config.patch(**fn.options):
-        _, codes = run_and_get_code(fn.compiled, example)
-    found = sorted(set(re.findall(pattern, "\n".join(codes))))
+def expected_kernels(target: Deployed, data, config, flags: list[str]) -> list[str] | None:
+    """The fused kernels the compiled form calls, when its deployment expects some (None when
+    it does not, or when nothing is compiled). Compiles at the evaluation batch shape, which
+    scoring then reuses; an empty list is flagged."""
+    pattern = target.deploy.expected_kernels
+    if "compiled" not in target.variants or not pattern:
+        return None
+    hw, train = config.hardware, config.run.train
+    shape = (min(train.eval_batch_size, len(data.test_y)), 3, *data.image_size)
+    example = torch.randn(shape, device=hw.torch_device)
+    found = sorted(compile_and_list_kernels(target.variants["compiled"], example))
     if not found:
         flags.append(f"the compiled graph has none of the expected fused kernels ({pattern}): "
                      f"it runs unfused reference ops")
     return found
 
 
-def _measure(fn, example: torch.Tensor, native: bool, hw: Hardware, bcfg) -> dict:
-    if not native:
+def score(target: Deployed, data, config) -> float:
+    """Top-1 on the test split, as deployed (see `Deployed.scored`)."""
+    hw, train = config.hardware, config.run.train
+    result = evaluate(target.scored, data.test_x, data.test_y, data, eval_hardware(target, hw),
+                      batch_size=train.eval_batch_size, tta=train.tta)
+    return result["accuracy"]
+
+
+def time_all(target: Deployed, reference: Deployed | None, data, config, out: dict) -> None:
+    """Every (threads, batch size, variant) point into out["latency"] (and the comparison)."""
+    bcfg, hw = config.run.benchmark, config.hardware
+    for threads in bcfg.threads or [torch.get_num_threads()]:
+        with set_threads(threads):
+            for bs in bcfg.batch_sizes:
+                example = torch.randn(bs, 3, *data.image_size, device=hw.torch_device)
+                for mode in target.variants:
+                    time_point(target, reference, mode, example, threads, config, out)
+
+
+def time_point(target: Deployed, reference: Deployed | None, mode: str, example: torch.Tensor,
+               threads: int, config, out: dict) -> None:
+    """Time one variant at one (threads, batch) point; with a reference that has the same
+    variant, time it too and record the ratio (flagged when not faster)."""
+    bs = example.shape[0]
+    m = measure(target, mode, example, config)
+    out["latency"].append({"threads": threads, "mode": mode, **m})
+    log_point(mode, threads, bs, m)
+    if reference is None or mode not in reference.variants:
+        return
+    ref = measure(reference, mode, example, config)
+    ratio = m["latency_ms_p50"] / ref["latency_ms_p50"]
+    out["vs_reference"]["points"].append(
+        {"threads": threads, "batch_size": bs, "mode": mode, "ratio": ratio,
+         "latency_ms_p50": m["latency_ms_p50"], "reference_latency_ms_p50": ref["latency_ms_p50"]})
+    log.info("  %-8s threads=%d batch=%-4d reference p50 %.3f ms -> ratio %.3f",
+             mode, threads, bs, ref["latency_ms_p50"], ratio)
+    if ratio >= 1:
+        out["flags"].append(f"not faster than {out['vs_reference']['artifact']} ({mode}, "
+                            f"batch {bs}, {threads} threads): ratio {ratio:.2f}")
+
+
+def measure(target: Deployed, mode: str, example: torch.Tensor, config) -> dict:
+    """Latency of one variant; float inputs come in the run's memory format."""
+    bcfg, hw = config.run.benchmark, config.hardware
+    if not target.deploy.native:
         example = example.contiguous(memory_format=hw.memory_format)
-    return measure_latency(fn, example, warmup=bcfg.warmup, iters=bcfg.iters,
+    return measure_latency(target.variants[mode], example, warmup=bcfg.warmup, iters=bcfg.iters,
                            min_time_s=bcfg.min_time_s, device=hw.torch_device)
 
 
-def _log_point(mode: str, threads: int, bs: int, m: dict) -> None:
+def peak_memory(target: Deployed, data, config) -> int | None:
+    """Peak memory of one eager forward at the largest benchmarked batch."""
+    hw = config.hardware
+    example = torch.randn(max(config.run.benchmark.batch_sizes), 3, *data.image_size,
+                          device=hw.torch_device)
+    if not target.deploy.native:
+        example = example.contiguous(memory_format=hw.memory_format)
+    with torch.inference_mode():
+        return peak_memory_bytes(lambda: target.eager(example), device=hw.torch_device)
+
+
+def log_point(mode: str, threads: int, bs: int, m: dict) -> None:
     log.info("  %-8s threads=%d batch=%-4d p50 %.3f ms  p90 %.3f  p99 %.3f  %.0f img/s", mode,
              threads, bs, m["latency_ms_p50"], m["latency_ms_p90"], m["latency_ms_p99"],
              m["throughput_ips"])
-
-
-def _try_flops(model: nn.Module, shape) -> int | None:
-    try:
-        return count_flops(model, (1, *shape))
-    except Exception:  # exported/quantized graphs may not be countable
-        return None

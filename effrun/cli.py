@@ -2,6 +2,11 @@
 
 Configs ship inside the package (effrun/configs; the repo's top-level configs/ links there) and
 are found by absolute path, so effrun runs from any working directory, installed or editable.
+
+Errors: a ConfigError (exit 2) or EffrunError (exit 1) is one line on stderr and in the run's
+effrun.log; anything else is a bug and shows its traceback. The job itself never exits the
+process: in a multirun a failed job is recorded (error.txt in its job dir) and the other jobs
+run on; the command exits non-zero at the end, after one line per failed job.
 """
 
 from __future__ import annotations
@@ -9,46 +14,84 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from effrun.schema import ConfigError
+from effrun.errors import ConfigError, EffrunError
+from effrun.schema import config_dir, register_schemas
+
+register_schemas()  # before Hydra composes: the YAML options extend these schemas
+
+EXIT_CODES = {ConfigError: 2, EffrunError: 1}
 
 
-def config_dir() -> str:
-    return str(Path(__file__).resolve().parent / "configs")
+@dataclass
+class JobFailure:
+    run_dir: Path
+    message: str
+    exit_code: int
+    multirun: bool
 
 
-# Failures a user can fix from the command line: one line, no traceback.
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)
+# Jobs of this process that failed with a user error (Hydra's basic launcher runs multirun jobs
+# in this process, one after the other).
+FAILURES: list[JobFailure] = []
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def _main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> dict | None:
+    """One job: run the pipeline; returns the run's headline figures (for a sweeper)."""
     from effrun import pipeline
-    from effrun.train import TrainingDiverged
+    from effrun.summary import headline
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
-        pipeline.run(cfg, run_dir)
-    except USER_ERRORS + (TrainingDiverged,) as e:
-        if full:
+        return headline(pipeline.run(cfg, run_dir))
+    except (ConfigError, EffrunError) as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        logging.getLogger("effrun").error("%s", e)
-        print(f"effrun: error: {e}  (HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
-        sys.exit(2 if isinstance(e, USER_ERRORS) else 1)
+        report_failure(run_dir, e)
+        return None
     except KeyboardInterrupt:
         print(f"\neffrun: interrupted. Resume with: effrun <same overrides> "
               f"hydra.run.dir={run_dir}", file=sys.stderr)
-        sys.exit(130)
+        raise
+
+
+def report_failure(run_dir: Path, error: Exception) -> None:
+    """One line on stderr and in the job's log; error.txt in the job's dir."""
+    message = str(error)
+    logging.getLogger("effrun").error("%s", message)
+    code = next(c for kind, c in EXIT_CODES.items() if isinstance(error, kind))
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    FAILURES.append(JobFailure(run_dir, message, code, multirun))
+    print(f"effrun: error: {message}  (HYDRA_FULL_ERROR=1 shows the traceback)",
+          file=sys.stderr)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.txt").write_text(message + "\n")
+    except OSError:  # the run dir itself may be what failed
+        pass
 
 
 def main() -> None:
-    _main()
+    FAILURES.clear()
+    try:
+        _main()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    if not FAILURES:
+        return
+    if any(failure.multirun for failure in FAILURES):
+        print(f"effrun: {len(FAILURES)} job(s) failed:", file=sys.stderr)
+        for failure in FAILURES:
+            print(f"  {failure.run_dir}: {failure.message}", file=sys.stderr)
+    sys.exit(max(failure.exit_code for failure in FAILURES))
 
 
 if __name__ == "__main__":

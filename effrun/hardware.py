@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from effrun.errors import EffrunError
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": None}
@@ -55,13 +57,15 @@ def cpu_int8_isa() -> str:
 class Hardware:
     """The `hardware` config group. `device: auto` picks CUDA when present, else the CPU."""
 
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    # fp32 | bf16 | fp16 (autocast) | auto: bf16 on CUDA and on bf16-native CPUs, else fp32
     precision: str = "auto"
-    channels_last: bool = False
-    compile: bool = False
-    threads: Optional[int] = None
+    channels_last: bool = True  # NHWC: faster convs on CPUs (oneDNN) and tensor cores
+    compile: bool = False  # torch.compile the training step and the evaluation forward
+    threads: Optional[int] = None  # null = torch's default (one per core)
     deterministic: bool = False
-    reuse_freed_memory: bool = False
+    # glibc keeps freed memory for reuse: no page faults on big buffers each step (CPU)
+    reuse_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -78,7 +82,7 @@ class Hardware:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("hardware.device=cuda but no CUDA device is visible: "
+            raise EffrunError("hardware.device=cuda but no CUDA device is visible: "
                              "use hardware=cpu or hardware=auto")
         return torch.device(self.device)
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 SCHEDULES = ("constant", "linear", "cosine", "onecycle")
+UNITS = ("torch", "airbench")
 
 
 @dataclass
@@ -21,7 +22,7 @@ class OptimizerBase:
     # Norm-layer weights and all biases usually train better without weight decay.
     decay_norm_and_bias: bool = False
     schedule: str = "onecycle"
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 1.0
     # lr at the end of the run, as a fraction of `lr` (0 = anneal to zero).
     final_lr_fraction: float = 0.0
     # lr at the start of a linear/cosine/constant warmup, as a fraction of `lr` (0 = from ~0).
@@ -53,8 +54,15 @@ class OptimizerBase:
             raise ValueError(f"optimizer.norm_bias_lr_scale must be > 0, got "
                              f"{self.norm_bias_lr_scale}")
 
-    def param_groups(self, model: nn.Module) -> list[dict]:
-        """Trainable params grouped by (lr scale, weight decay); the plain weights come first."""
+    def step_scale(self, batch_size: int | None) -> float:
+        """Factor from the configured lr / weight_decay to the per-step values torch applies
+        (1 in torch units; see SGD.units)."""
+        return 1.0
+
+    def param_groups(self, model: nn.Module, batch_size: int | None = None) -> list[dict]:
+        """Trainable params grouped by (lr scale, weight decay); the plain weights come first.
+        `batch_size` converts lr and weight_decay given in other units (SGD.units)."""
+        step = self.step_scale(batch_size)
         groups: dict[tuple[float, float], list] = {(1.0, self.weight_decay): []}
         for module in model.modules():
             is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm,
@@ -70,13 +78,14 @@ class OptimizerBase:
         for (scale, decay), params in groups.items():
             if not params:
                 continue
-            lr = self.lr * scale
+            lr = self.lr * scale * step
+            decay = decay * step if self.decoupled_weight_decay else decay
             if self.decoupled_weight_decay:
                 decay = decay / lr
             out.append({"params": params, "lr": lr, "weight_decay": decay})
         return out
 
-    def build(self, model: nn.Module) -> torch.optim.Optimizer:
+    def build(self, model: nn.Module, batch_size: int | None = None) -> torch.optim.Optimizer:
         raise NotImplementedError  # each option below says which torch optimizer it is
 
     def scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int,
@@ -113,22 +122,45 @@ def lr_factor_fn(schedule: str, total_steps: int, warmup: int, final: float,
 class SGD(OptimizerBase):
     momentum: float = 0.9
     nesterov: bool = True
+    # torch: lr and weight_decay are what torch applies per step to the batch-mean loss.
+    # airbench: as airbench94 states them: per 1024 examples of a summed loss, with momentum
+    # factored out; effrun converts them to per-step values for the run's batch size B by
+    # B / (1024 * (1 + 1 / (1 - momentum))) (airbench's "kilostep scale"): lr 11.5 and decay
+    # 0.0153 at B = 1024, momentum 0.85 become lr 1.5 and decay 0.0019957 per step.
+    units: str = "torch"
 
-    def build(self, model: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.param_groups(model), lr=self.lr, momentum=self.momentum,
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.units not in UNITS:
+            raise ValueError(f"optimizer.units must be one of {UNITS}, got {self.units!r}")
+        if self.units == "airbench" and not self.decoupled_weight_decay:
+            raise ValueError("optimizer.units=airbench states weight decay per example "
+                             "(decoupled from lr): set optimizer.decoupled_weight_decay=true")
+
+    def step_scale(self, batch_size: int | None) -> float:
+        if self.units == "torch":
+            return 1.0
+        if batch_size is None:
+            raise ValueError("optimizer.units=airbench needs the batch size to convert lr")
+        return batch_size / (1024 * (1 + 1 / (1 - self.momentum)))
+
+    def build(self, model: nn.Module, batch_size: int | None = None) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.param_groups(model, batch_size), lr=self.lr,
+                               momentum=self.momentum,
                                nesterov=self.nesterov and self.momentum > 0,
                                weight_decay=self.weight_decay)
 
 
 @dataclass
 class AdamW(OptimizerBase):
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.05
+    schedule: str = "cosine"
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
 
-    def build(self, model: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.param_groups(model), lr=self.lr,
+    def build(self, model: nn.Module, batch_size: int | None = None) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.param_groups(model, batch_size), lr=self.lr,
                                  betas=(self.beta1, self.beta2), eps=self.eps,
                                  weight_decay=self.weight_decay)

@@ -1,15 +1,27 @@
-"""Typed schemas for the composed config, checked before any compute starts.
+"""Typed schemas for the composed config: the one home of every default value.
 
-Every config group node names a dataclass in `_target_`; that dataclass *is* the group's schema.
-The root keys (stages, train, benchmark, ...) are checked against `RunConfig` below.
+Every config dataclass (a group option's `_target_`, and `RunConfig` for the root keys) is
+registered in Hydra's ConfigStore as `schema/<group>/<ClassName>` (`register_schemas`), with its
+field defaults and `_target_`. An option YAML extends its schema and holds only what differs:
+
+    # configs/optimizer/adamw.yaml
+    defaults:
+      - /schema/optimizer/AdamW@_here_
+    lr: 2.0e-3
+
+so the composed config lists every key (Hydra rejects unknown keys and wrong types while
+composing), and the dataclass default is the only place a value is stated. `validate` then
+builds the dataclasses; their `__post_init__` range checks run before any compute starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
+from hydra.core.config_store import ConfigStore
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -21,11 +33,35 @@ STAGE_ORDER = ("train", "prune", "distill", "quantize", "benchmark")
 GROUPS = ("dataset", "model", "optimizer", "augmentation", "hardware")
 COMPRESSION_GROUPS = ("prune", "distill", "quantize")
 TTA_MODES = ("none", "flip", "flip_translate")
+# The config dataclasses the option YAMLs extend, by config group (see the module docstring).
+SCHEMAS = {
+    "dataset": ("effrun.data.SyntheticData", "effrun.data.CIFAR10Data",
+                "effrun.data.CIFAR100Data", "effrun.data.ImageFolderData"),
+    "model": ("effrun.models.CifarResNet", "effrun.models.ResNet18Cifar",
+              "effrun.models.MobileNetV2Cifar", "effrun.models.Airbench",
+              "effrun.models.TorchvisionModel"),
+    "optimizer": ("effrun.optim.SGD", "effrun.optim.AdamW"),
+    "augmentation": ("effrun.data.Augmentation",),
+    "hardware": ("effrun.hardware.Hardware",),
+    "compression/prune": ("effrun.compression.prune.magnitude.MagnitudePrune",
+                          "effrun.compression.prune.channel.ChannelPrune",
+                          "effrun.compression.prune.nm.NMPrune"),
+    "compression/distill": ("effrun.compression.distill.kd.KD",
+                            "effrun.compression.distill.feature.FeatureKD"),
+    "compression/quantize": ("effrun.compression.quantize.int8_ptq.Int8PTQ",
+                             "effrun.compression.quantize.int8_qat.Int8QAT",
+                             "effrun.compression.quantize.int8_dynamic.Int8Dynamic"),
+}
+
+
+def config_dir() -> str:
+    """The configs shipped inside the package (found by absolute path from anywhere)."""
+    return str(Path(__file__).resolve().parent / "configs")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 5
+    epochs: int = 8
     batch_size: int = 128
     eval_batch_size: int = 500
     label_smoothing: float = 0.0
@@ -33,10 +69,11 @@ class TrainConfig:
     grad_clip_norm: Optional[float] = None
     tta: str = "none"  # test-time augmentation at evaluation: none | flip | flip_translate
     # Lookahead-style weight averaging (airbench): every `lookahead_every` steps an averaged copy
-    # of the weights moves toward the live ones and the live ones are reset to it; the copy's
-    # decay ramps as lookahead_decay * progress**3. 0 = off.
+    # of the weights moves toward the live ones and the live ones are reset to it. 0 = off.
     lookahead_every: int = 0
-    lookahead_decay: float = 0.95**5
+    # Its decay per optimizer step (airbench: 0.95); an update every N steps decays by
+    # lookahead_decay ** N, ramped in as progress**3.
+    lookahead_decay: float = 0.95
     # Evaluate on val/test every N epochs (the last epoch always); 0 = only after training.
     eval_every: int = 1
 
@@ -93,9 +130,46 @@ class RunConfig:
         self.stages = [s for s in STAGE_ORDER if s in self.stages]
 
 
+def schema_node(cls: type, target: str | None = None) -> DictConfig:
+    """The structured config of a dataclass (its defaults and types), plus `_target_`."""
+    node = OmegaConf.structured(cls)
+    if target is not None:
+        OmegaConf.set_struct(node, False)
+        node._target_ = target
+        OmegaConf.set_struct(node, True)
+    return node
+
+
+def register_schemas() -> None:
+    """Put every schema in Hydra's ConfigStore; call before composing (the CLI does on import,
+    `compose` below too)."""
+    store = ConfigStore.instance()
+    for group, targets in SCHEMAS.items():
+        for target in targets:
+            cls = get_class(target)
+            store.store(group=f"schema/{group}", name=cls.__name__,
+                        node=schema_node(cls, target))
+    root = schema_node(RunConfig)
+    OmegaConf.set_struct(root, False)  # the groups (dataset, model, ...) join at the root
+    store.store(group="schema", name="run", node=root)
+
+
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """The composed config for command-line style overrides, as `effrun` composes it (without
+    the hydra node): the one way tests and scripts build a config."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides or []))
+
+
 @dataclass
-class Resolved:
-    """The validated config: the root dataclass and one dataclass instance per group."""
+class EffrunConfig:
+    """The validated config: the root keys (`run`) and one dataclass instance per group."""
 
     run: RunConfig
     dataset: Any
@@ -140,7 +214,7 @@ def typed(cls: type, values: dict, where: str) -> Any:
         raise ConfigError(_first_line(str(e))) from None
 
 
-def validate(cfg: DictConfig) -> Resolved:
+def validate(cfg: DictConfig) -> EffrunConfig:
     """Check the whole composed config; raises ConfigError naming the key at fault."""
     groups = {g: cfg.get(g) for g in GROUPS}
     for g, node in groups.items():
@@ -168,7 +242,7 @@ def validate(cfg: DictConfig) -> Resolved:
                           f"add 'train' to stages or set init_from=<model artifact .pt>")
     if run.stages == ["benchmark"] and run.init_from is None:
         raise ConfigError("stages=[benchmark] needs a model: set init_from=<model artifact .pt>")
-    return Resolved(run=run, compression=compression, raw=cfg, **built)
+    return EffrunConfig(run=run, compression=compression, raw=cfg, **built)
 
 
 def _key(e: OmegaConfBaseException) -> str:

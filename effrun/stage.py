@@ -47,6 +47,7 @@ from typing import Any
 from torch import nn
 
 from effrun.data import Augmentation, DataSplits
+from effrun.errors import EffrunError
 from effrun.evaluate import evaluate
 from effrun.hardware import Hardware
 from effrun.measure import ModelFigures
@@ -171,7 +172,7 @@ class StageInputs:
         x, y = (self.data.test_x, self.data.test_y) if split == "test" else (
             self.data.val_x, self.data.val_y)
         if x is None:
-            raise ValueError(f"no {split} split: set dataset.val_fraction > 0")
+            raise EffrunError(f"no {split} split: set dataset.val_fraction > 0")
         if limit is not None:
             x, y = x[:limit], y[:limit]
         hw = hw or self.hw

@@ -15,7 +15,9 @@ def summarize(records, bench: list[dict] | None) -> list[dict]:
                "accuracy": b.get("accuracy", rec.metrics.get("accuracy")),
                "params": b.get("params", rec.metrics.get("params")),
                "flops": b.get("flops", rec.metrics.get("flops")),
-               "size_bytes": b.get("size_bytes", rec.metrics.get("size_bytes")),
+               # The bytes of the tensors the deployed model reads, and its artifact file's size.
+               "weight_bytes": b.get("weight_bytes", rec.metrics.get("weight_bytes")),
+               "file_bytes": b.get("file_bytes", rec.metrics.get("file_bytes")),
                "latency_ms_p50_bs1": None, "latency_ms_p50_bs_max": None, "bs_max": None,
                "throughput_ips": None, "peak_memory_bytes": b.get("peak_memory_bytes"),
                # Zero-weight share of the pruned layers (magnitude / N:M pruning), measured from
@@ -39,6 +41,17 @@ def summarize(records, bench: list[dict] | None) -> list[dict]:
     return rows
 
 
+HEADLINE = ("stage", "accuracy", "weight_bytes", "file_bytes", "latency_ms_p50_bs1",
+            "latency_ms_p50_bs_max", "throughput_ips")
+
+
+def headline(rows: list[dict]) -> dict:
+    """The figures of the run's final model (the last row), missing ones as None: what
+    summary.json leads with and the CLI hands back to Hydra (a sweeper's objective)."""
+    last = rows[-1] if rows else {}
+    return {k: last.get(k) for k in HEADLINE}
+
+
 def _fmt(v, kind: str) -> str:
     if v is None:
         return "–"
@@ -57,7 +70,8 @@ def print_summary(rows: list[dict], title: str = "effrun summary") -> None:
     table = Table(title=title)
     bs_max = next((r["bs_max"] for r in rows if r.get("bs_max")), None)
     cols = [("stage", "stage", "str"), ("accuracy", "top-1", "pct"), ("params", "params", "count"),
-            ("flops", "FLOPs", "count"), ("size_bytes", "size", "bytes"),
+            ("flops", "FLOPs", "count"), ("weight_bytes", "weights", "bytes"),
+            ("file_bytes", "file", "bytes"),
             ("latency_ms_p50_bs1", "p50 ms (bs 1)", "ms"),
             ("latency_ms_p50_bs_max", f"p50 ms (bs {bs_max or 'max'})", "ms"),
             ("throughput_ips", "img/s", "int")]

@@ -145,11 +145,12 @@ def _build_loop(model: nn.Module, data: DataSplits, *, hw: Hardware, train: Trai
                          std=data.std, shuffle=True, drop_last=n > train.batch_size,
                          augment=augment, device=hw.torch_device,
                          channels_last=hw.channels_last, seed=seed)
-    opt = optimizer.build(model)
+    opt = optimizer.build(model, batch_size=train.batch_size)
     steps_per_epoch = len(loader)
     sched = optimizer.scheduler(opt, max(1, epochs * steps_per_epoch), steps_per_epoch)
     ema = EMA(model, train.ema_decay) if train.ema_decay else None
-    lookahead = (Lookahead(model, train.lookahead_every, train.lookahead_decay)
+    lookahead = (Lookahead(model, train.lookahead_every,
+                           train.lookahead_decay ** train.lookahead_every)
                  if train.lookahead_every else None)
     if loss_fn is None:
         ce = nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)

@@ -8,10 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-
-from effrun.cli import config_dir
+from effrun.schema import compose, config_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = Path(config_dir())
@@ -23,9 +20,7 @@ def options(group: str) -> list[str]:
 
 
 def compose_cfg(overrides: list[str] | None = None):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("config", overrides=overrides or [], return_hydra_config=False)
+    return compose(overrides)
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None):
@@ -37,18 +32,16 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = N
 
 
 def stage_ctx(tmp_path: Path, stage: str, overrides: list[str]):
-    """(StageContext as the pipeline builds it, the stage's method, a fresh model) for calling a
-    compression method directly, from a composed config."""
-    from effrun.context import StageContext
-    from effrun.models import model_config_dict
+    """(StageInputs as the pipeline builds them, the stage's method, a fresh model) for calling
+    a compression method directly, from a composed config."""
     from effrun.schema import validate
+    from effrun.stage import stage_inputs
 
-    r = validate(compose_cfg(overrides))
-    r.hardware.setup(r.run.seed)
-    data = r.dataset.load(seed=r.run.seed)
-    ctx = StageContext(cfg=r, stage=stage, stage_dir=tmp_path, data=data, hw=r.hardware,
-                       fingerprint="test", parent=None, model_config=model_config_dict(r.model))
-    return ctx, r.compression[stage], r.model.build(num_classes=data.num_classes)
+    config = validate(compose_cfg(overrides))
+    config.hardware.setup(config.run.seed)
+    data = config.dataset.load(seed=config.run.seed)
+    inputs = stage_inputs(config, stage, tmp_path, data, fingerprint="test")
+    return inputs, config.compression.get(stage), config.model.build(num_classes=data.num_classes)
 
 
 @pytest.fixture(autouse=True)

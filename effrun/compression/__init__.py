@@ -1,16 +1,16 @@
 """Compression methods: one file per method, one YAML per method under configs/compression/.
 
-The contract (see effrun/context.py):
+A method is a config dataclass (its fields are the YAML's schema) that is called by its stage:
 
     @dataclass
-    class MyMethod:                      # the config dataclass is also the YAML's schema
+    class MyMethod:
         amount: float = 0.5
-        def __call__(self, model: nn.Module, ctx: StageContext) -> nn.Module: ...
+        def __call__(self, model: nn.Module, inputs: StageInputs) -> StageResult: ...
 
-and configs/compression/<stage>/<name>.yaml with
-`_target_: effrun.compression.<stage>.<file>.MyMethod`
-plus the fields. The pipeline loads the parent stage's model, calls the method, evaluates the
-result when the method did not put "accuracy" in ctx.metrics, and saves the artifact — through
-`method.save(model, stage_dir, ctx) -> Path` when the method defines one, else as a state_dict
-with `ctx.model_config` (set it when the method changes the architecture family).
+It receives the parent stage's model and the read-only `StageInputs` (data, hardware, the run's
+training settings, `inputs.fit(...)` and `inputs.evaluate(...)`) and returns one `StageResult`
+(the new model, its accuracy, its figures, how to save it). The contract, field by field, is in
+effrun/stage.py. Adding a method touches two files: effrun/compression/<stage>/<name>.py and
+configs/compression/<stage>/<name>.yaml (which extends the dataclass's schema, registered in
+effrun/schema.py's SCHEMAS); select it with `compression/<stage>=<name>`.
 """

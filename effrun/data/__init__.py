@@ -4,7 +4,7 @@ from effrun.data.augment import Augmentation
 from effrun.data.cifar import CIFAR10Data, CIFAR100Data
 from effrun.data.imagefolder import ImageFolderData
 from effrun.data.loader import BatchLoader
-from effrun.data.splits import DatasetBase, DataSplits
+from effrun.data.splits import DatasetBase, DataSplits, sample_indices
 from effrun.data.synthetic import SyntheticData
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "DatasetBase",
     "ImageFolderData",
     "SyntheticData",
+    "sample_indices",
 ]

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from effrun.errors import EffrunError
+
 
 @dataclass
 class Augmentation:
@@ -67,7 +69,7 @@ class Augmentation:
         n, channels, height, width = x.shape
         pad = self.crop_padding
         if pad >= height or pad >= width:
-            raise ValueError(
+            raise EffrunError(
                 f"augmentation.crop_padding={pad} must be smaller than the image ({height}x{width})"
             )
         padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")

@@ -10,20 +10,21 @@ import torch
 import torchvision
 
 from effrun.data.image_tree import load_tree_splits
-from effrun.data.splits import DatasetBase, DataSplits
+from effrun.data.splits import DataSplits, ImageTreeBase
+from effrun.errors import EffrunError
 
 
 @dataclass
-class _CIFARBase(DatasetBase):
+class _CIFARBase(ImageTreeBase):
     """root: None means ./data/cifar10 (or ./data/cifar100), relative to the working dir.
 
     Layouts accepted under root, checked in this order:
       1. torchvision's: root/cifar-10-batches-py/ (CIFAR-10) or root/cifar-100-python/
          (CIFAR-100), read straight from its uint8 arrays.
       2. an ImageFolder tree: root/train/<class>/*.png|jpg... and root/test/<class>/ (or val/),
-         decoded once and cached (see effrun.data.image_tree); images are resized to 32x32 if needed.
+         decoded once and cached (see effrun.data.image_tree); resized to 32x32 if needed.
       3. neither, with download=true: torchvision downloads layout 1 into root.
-    Otherwise FileNotFoundError says which keys to set.
+    Otherwise an EffrunError says which keys to set.
     """
 
     root: str | None = None
@@ -44,7 +45,7 @@ class _CIFARBase(DatasetBase):
             return self._load_tree(root)
         if self.download:
             return self._load_torchvision(root)
-        raise FileNotFoundError(
+        raise EffrunError(
             f"{self.display_name} not found under {root}: set dataset.root=<dir with "
             f"{self.torchvision_dir} or train/ test/ folders>, or dataset.download=true"
         )
@@ -55,7 +56,7 @@ class _CIFARBase(DatasetBase):
             train = dataset_class(str(root), train=True, download=self.download)
             test = dataset_class(str(root), train=False, download=self.download)
         except RuntimeError as err:  # torchvision's "Dataset not found or corrupted."
-            raise FileNotFoundError(
+            raise EffrunError(
                 f"{self.display_name} under {root}/{self.torchvision_dir} is missing or "
                 f"corrupted ({err}): set dataset.download=true or fix dataset.root"
             ) from err

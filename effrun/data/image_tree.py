@@ -21,6 +21,7 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from tqdm import tqdm
 
 from effrun.data.splits import DataSplits
+from effrun.errors import EffrunError
 
 # Bump when decoding or resizing changes, so old cache files stop matching.
 _CACHE_FORMAT = 1
@@ -35,7 +36,7 @@ def find_test_split(root: Path) -> str:
     for name in ("test", "val"):
         if (root / name).is_dir():
             return name
-    raise FileNotFoundError(f"no test/ or val/ folder under {root}")
+    raise EffrunError(f"no test/ or val/ folder under {root}")
 
 
 def scan_split(
@@ -51,7 +52,7 @@ def scan_split(
         classes = found
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise ValueError(f"{split_dir} has class folders not in train: {', '.join(unknown)}")
+        raise EffrunError(f"{split_dir} has class folders not in train: {', '.join(unknown)}")
     files: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
@@ -68,7 +69,7 @@ def scan_split(
         files.extend(class_dir / n for n in names)
         labels.extend([label] * len(names))
     if not files:
-        raise FileNotFoundError(f"no images found under {split_dir}/<class>/")
+        raise EffrunError(f"no images found under {split_dir}/<class>/")
     return files, labels, classes
 
 
@@ -111,7 +112,7 @@ def decode_files(files: Sequence[Path], image_size: int | None, desc: str) -> to
         for i, path in enumerate(tqdm(files[1:], desc=desc, unit="img", disable=None), start=1):
             image = decode_file(path, image_size)
             if image.shape != first.shape:
-                raise ValueError(
+                raise EffrunError(
                     f"images differ in size ({path}: {tuple(image.shape[1:])}, {files[0]}: "
                     f"{tuple(first.shape[1:])}): set dataset.image_size=<int> to resize them"
                 )

@@ -8,11 +8,12 @@ from pathlib import Path
 from omegaconf import MISSING
 
 from effrun.data.image_tree import load_tree_splits
-from effrun.data.splits import DatasetBase, DataSplits
+from effrun.data.splits import DataSplits, ImageTreeBase
+from effrun.errors import EffrunError
 
 
 @dataclass
-class ImageFolderData(DatasetBase):
+class ImageFolderData(ImageTreeBase):
     """Images from root/train/<class>/ and root/test/<class>/ (root/val/ when test/ is absent).
 
     root: required. image_size: resize every image to image_size x image_size (aspect ratio
@@ -31,10 +32,10 @@ class ImageFolderData(DatasetBase):
 
     def _load_full(self, seed: int) -> DataSplits:
         if self.root == MISSING or not self.root:
-            raise ValueError("dataset.root must be set to a folder with train/ and test/ inside")
+            raise EffrunError("dataset.root must be set to a folder with train/ and test/ inside")
         root = Path(self.root).expanduser()
         if not (root / "train").is_dir():
-            raise FileNotFoundError(
+            raise EffrunError(
                 f"no ImageFolder tree under {root}: set dataset.root=<dir with train/<class>/ "
                 "and test/<class>/ (or val/<class>/) folders>"
             )

@@ -46,12 +46,10 @@ class DatasetBase:
 
     val_fraction: share of the train set held out as validation (stratified by class).
     train_fraction: share of the remaining train set actually used (stratified subset).
-    cache_dir: where decoded image trees are cached; None -> $EFFRUN_CACHE_DIR or ~/.cache/effrun.
     """
 
     val_fraction: float = 0.0
     train_fraction: float = 1.0
-    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -73,8 +71,24 @@ class DatasetBase:
         full = self._load_full(seed)
         return finish_splits(full, self.val_fraction, self.train_fraction, seed)
 
+
+
+@dataclass
+class ImageTreeBase(DatasetBase):
+    """Datasets decoded from image files: cache_dir is where the decoded tensors are cached;
+    None -> $EFFRUN_CACHE_DIR or ~/.cache/effrun (never beside the data)."""
+
+    cache_dir: str | None = None
+
     def resolved_cache_dir(self) -> Path:
         return resolve_cache_dir(self.cache_dir)
+
+
+def sample_indices(n: int, count: int, seed: int) -> torch.Tensor:
+    """`count` distinct indices of range(n), drawn at random from `seed` (all of them, shuffled,
+    when count >= n). The one seeded sampler of training images: model init, calibration-free
+    scoring samples, importance batches all draw through it."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count]
 
 
 def resolve_cache_dir(cache_dir: str | None) -> Path:

@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effrun.compression.distill.kd import KD, KEY, kd_loss
+from effrun.compression.distill.kd import KEY, DistillBase, kd_loss
+from effrun.errors import EffrunError
+from effrun.train import LossFn
 
 
 def _record(module: nn.Module, layers: list[str], store: list, key: str) -> list:
@@ -23,7 +25,7 @@ def _record(module: nn.Module, layers: list[str], store: list, key: str) -> list
     handles = []
     for i, name in enumerate(layers):
         if name not in modules or not name:
-            raise ValueError(f"{KEY}.{key}: no layer named {name!r}")
+            raise EffrunError(f"{KEY}.{key}: no layer named {name!r}")
 
         def hook(_m, _inputs, output, i=i):
             store[i] = output
@@ -58,7 +60,7 @@ class HintStudent(nn.Module):
 
 
 @dataclass
-class FeatureKD(KD):
+class FeatureKD(DistillBase):
     student_layers: list[str] = field(default_factory=lambda: ["layer1", "layer2", "layer3"])
     teacher_layers: list[str] = field(default_factory=lambda: ["layer1", "layer2", "layer3"])
     beta: float = 1.0  # weight of the hint loss added to the KD loss
@@ -71,8 +73,8 @@ class FeatureKD(KD):
         if self.beta < 0:
             raise ValueError(f"{KEY}.beta must be >= 0, got {self.beta}")
 
-    def setup(self, model: nn.Module, ctx) -> tuple[nn.Module, nn.Module]:
-        teacher, student = super().setup(model, ctx)
+    def setup(self, model: nn.Module, inputs) -> tuple[nn.Module, nn.Module, dict | None]:
+        teacher, student, student_config = super().setup(model, inputs)
         # Check the layer names and read the feature widths now, before any training.
         self._widths = {}
         for net, layers, key in ((student, self.student_layers, "student_layers"),
@@ -81,16 +83,16 @@ class FeatureKD(KD):
             handles = _record(net, layers, store, key)
             device = next(net.parameters()).device
             with torch.no_grad():
-                net.eval()(torch.zeros(1, 3, *ctx.data.image_size, device=device))
+                net.eval()(torch.zeros(1, 3, *inputs.data.image_size, device=device))
             for h in handles:
                 h.remove()
             for name, out in zip(layers, store, strict=True):
                 if not isinstance(out, torch.Tensor) or out.dim() != 4:
-                    raise ValueError(f"{KEY}.{key}: {name!r} does not output an NCHW feature map")
+                    raise EffrunError(f"{KEY}.{key}: {name!r} does not output an NCHW feature map")
             self._widths[key] = [out.shape[1] for out in store]
-        return teacher, student
+        return teacher, student, student_config
 
-    def trainable(self, student: nn.Module, teacher: nn.Module, ctx) -> nn.Module:
+    def trainable(self, student: nn.Module, teacher: nn.Module, inputs) -> nn.Module:
         return HintStudent(student, self.student_layers, self._widths["student_layers"],
                            self._widths["teacher_layers"])
 
@@ -99,17 +101,18 @@ class FeatureKD(KD):
             h.remove()
         return trainable.student
 
-    def loss_fn(self, trainable: HintStudent, teacher: nn.Module, ctx):
-        ce = nn.CrossEntropyLoss(label_smoothing=ctx.cfg.run.train.label_smoothing)
+    def loss_fn(self, trainable: HintStudent, teacher: nn.Module, inputs
+                ) -> tuple[LossFn, dict]:
+        ce = nn.CrossEntropyLoss(label_smoothing=inputs.train.label_smoothing)
         teacher_features: list = [None] * len(self.teacher_layers)
         _record(teacher, self.teacher_layers, teacher_features, "teacher_layers")
 
         def loss(logits: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor):
             # Features change with every augmented view, so the teacher runs on every batch.
-            with torch.no_grad(), ctx.hw.autocast():
+            with torch.no_grad(), inputs.hw.autocast():
                 target = teacher(inputs).float()
             return (kd_loss(logits, target, labels, temperature=self.temperature,
                             alpha=self.alpha, ce=ce)
                     + self.beta * trainable.hint_loss(teacher_features))
 
-        return loss
+        return loss, {}

@@ -24,8 +24,11 @@ from torch import nn
 
 from effrun import artifacts
 from effrun.data import BatchLoader
+from effrun.errors import ConfigError, EffrunError
 from effrun.models import model_config_dict
 from effrun.schema import build_node
+from effrun.stage import StageInputs, StageResult
+from effrun.train import LossFn
 
 KEY = "compression.distill"
 MODEL_OPTIONS = Path(__file__).resolve().parents[2] / "configs" / "model"
@@ -37,7 +40,7 @@ def model_option(name: str, where: str) -> object:
     path = MODEL_OPTIONS / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in MODEL_OPTIONS.glob("*.yaml")))
-        raise ValueError(f"{where}: no model option {name!r} (options: {known})")
+        raise ConfigError(f"{where}: no model option {name!r} (options: {known})")
     return build_node(OmegaConf.load(path), where)
 
 
@@ -58,13 +61,13 @@ class LogitCache:
     teacher, so a mismatch can cost time but never give wrong targets.
     """
 
-    def __init__(self, teacher: nn.Module, ctx):
-        data, hw = ctx.data, ctx.hw
+    def __init__(self, teacher: nn.Module, inputs):
+        data, hw = inputs.data, inputs.hw
         gen = torch.Generator().manual_seed(0)
         numel = data.train_x[0].numel()
         # < 2**16 times < 2**31 bits, summed over 3*32*32 values, stays inside int64.
         self.weights = torch.randint(1, 2**16, (numel,), generator=gen).to(hw.torch_device)
-        loader = BatchLoader(data.train_x, data.train_y, ctx.cfg.run.train.eval_batch_size,
+        loader = BatchLoader(data.train_x, data.train_y, inputs.train.eval_batch_size,
                              mean=data.mean, std=data.std, device=hw.torch_device,
                              channels_last=hw.channels_last)
         keys, logits = [], []
@@ -93,15 +96,17 @@ class LogitCache:
 
 
 @dataclass
-class KD:
-    student: str | None = None  # a model option (e.g. resnet20); null = the previous model
+class DistillBase:
+    """What every distillation method shares: the teacher, the student, the training and the
+    optional no-teacher comparison. Subclasses say how the loss uses the teacher."""
+
+    student: str | None = "resnet20"  # a model option (configs/model/); null = the previous model
     teacher: str | None = None  # a model artifact (.pt); null = the previous stage's model
     temperature: float = 4.0
     alpha: float = 0.9  # weight of the distillation term; 1 - alpha goes to the label loss
     epochs: int | None = None  # null = train.epochs
     lr: float | None = None  # null = the run's optimizer as configured
-    compare_scratch: bool = False  # also train the same student without a teacher
-    cache_teacher_logits: bool = True  # with augmentation off, run the teacher once per image
+    compare_scratch: bool = False  # also train the same student without a teacher, same epochs
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -116,36 +121,36 @@ class KD:
             model_option(self.student, f"{KEY}.student")
 
     # -- setup: every check runs here, before any training ------------------------------------
-    def setup(self, model: nn.Module, ctx) -> tuple[nn.Module, nn.Module]:
-        """(teacher, student), checked against each other and the data."""
+    def setup(self, model: nn.Module, inputs) -> tuple[nn.Module, nn.Module, dict | None]:
+        """(teacher, student, the student's model config or None when it is `model`), checked
+        against each other and the data."""
         if self.teacher is not None:
             try:
                 teacher, _ = artifacts.load_model(Path(self.teacher))
             except Exception as e:  # missing file, not an artifact, shapes that do not fit
-                raise ValueError(f"{KEY}.teacher: cannot load {self.teacher}: "
-                                 f"{str(e).splitlines()[0]}") from None
+                raise EffrunError(f"{KEY}.teacher: cannot load {self.teacher}: "
+                                  f"{str(e).splitlines()[0]}") from None
         elif self.student is None:
-            raise ValueError(f"{KEY}: set student (a model option) or teacher (an artifact); "
-                             f"with neither the model would distill from itself")
+            raise EffrunError(f"{KEY}: set student (a model option) or teacher (an artifact); "
+                              f"with neither the model would distill from itself")
         else:
             teacher = copy.deepcopy(model)
+        student, student_config = model, None
         if self.student is not None:
-            cfg = model_option(self.student, f"{KEY}.student")
-            student = cfg.build(num_classes=ctx.data.num_classes)
-            ctx.model_config = model_config_dict(cfg)
-        else:
-            student = model
-        example = torch.zeros(2, 3, *ctx.data.image_size)
+            option = model_option(self.student, f"{KEY}.student")
+            student = option.build(num_classes=inputs.data.num_classes)
+            student_config = model_config_dict(option)
+        example = torch.zeros(2, 3, *inputs.data.image_size)
         with torch.no_grad():
             t_out, s_out = teacher.eval()(example), student.eval()(example)
-        if t_out.shape != s_out.shape or s_out.shape[1] != ctx.data.num_classes:
-            raise ValueError(f"{KEY}: teacher gives {t_out.shape[1]} classes, student "
-                             f"{s_out.shape[1]}, the data has {ctx.data.num_classes}")
-        teacher = ctx.hw.prepare(teacher).eval().requires_grad_(False)
-        return teacher, student
+        if t_out.shape != s_out.shape or s_out.shape[1] != inputs.data.num_classes:
+            raise EffrunError(f"{KEY}: teacher gives {t_out.shape[1]} classes, student "
+                              f"{s_out.shape[1]}, the data has {inputs.data.num_classes}")
+        teacher = inputs.hw.prepare(teacher).eval().requires_grad_(False)
+        return teacher, student, student_config
 
-    # -- what feature distillation overrides ----------------------------------------------------
-    def trainable(self, student: nn.Module, teacher: nn.Module, ctx) -> nn.Module:
+    # -- what the methods override ----------------------------------------------------------------
+    def trainable(self, student: nn.Module, teacher: nn.Module, inputs) -> nn.Module:
         """The module the training loop optimizes (here the student itself)."""
         return student
 
@@ -153,63 +158,82 @@ class KD:
         """The student out of `trainable`, with any training-only hooks removed."""
         return trainable
 
-    def loss_fn(self, trainable: nn.Module, teacher: nn.Module, ctx):
-        ce = nn.CrossEntropyLoss(label_smoothing=ctx.cfg.run.train.label_smoothing)
-        cache = None
-        augmentation = ctx.cfg.augmentation
-        if self.cache_teacher_logits and not getattr(augmentation, "enabled", True):
-            cache = LogitCache(teacher, ctx)
-
-        def loss(logits: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor):
-            target = cache.lookup(inputs) if cache is not None else None
-            if target is None:
-                with torch.no_grad(), ctx.hw.autocast():
-                    target = teacher(inputs).float()
-            return kd_loss(logits, target, labels, temperature=self.temperature,
-                           alpha=self.alpha, ce=ce)
-
-        loss.cache = cache  # so the stage can report whether the cache served every batch
-        return loss
+    def loss_fn(self, trainable: nn.Module, teacher: nn.Module, inputs
+                ) -> tuple[LossFn, dict]:
+        """The training loss and a dict the method fills with figures while it runs."""
+        raise NotImplementedError
 
     # -- the stage --------------------------------------------------------------------------
-    def __call__(self, model: nn.Module, ctx) -> nn.Module:
-        teacher, student = self.setup(model, ctx)
-        epochs = self.epochs or ctx.cfg.run.train.epochs
-        optimizer = (ctx.cfg.optimizer if self.lr is None
-                     else dataclasses.replace(ctx.cfg.optimizer, lr=self.lr))
+    def __call__(self, model: nn.Module, inputs: StageInputs) -> StageResult:
+        teacher, student, student_config = self.setup(model, inputs)
+        epochs = self.epochs or inputs.train.epochs
+        optimizer = (inputs.optimizer if self.lr is None
+                     else dataclasses.replace(inputs.optimizer, lr=self.lr))
         initial = copy.deepcopy(student.state_dict()) if self.compare_scratch else None
-        trainable = self.trainable(student, teacher, ctx)
-        loss_fn = self.loss_fn(trainable, teacher, ctx)
-        result = ctx.fit(trainable, epochs=epochs, optimizer=optimizer, loss_fn=loss_fn,
-                         name="kd")
+        trainable = self.trainable(student, teacher, inputs)
+        loss_fn, loss_figures = self.loss_fn(trainable, teacher, inputs)
+        fitted = inputs.fit(trainable, epochs=epochs, optimizer=optimizer, loss_fn=loss_fn,
+                            name="kd")
         student = self.release(trainable)
-        cache = getattr(loss_fn, "cache", None)
-        ctx.metrics.update({
-            "method": type(self).__name__, "epochs": epochs, "accuracy": result["test_accuracy"],
-            "teacher": self.teacher or (ctx.parent.stage if ctx.parent else None),
-            "teacher_accuracy": self._teacher_accuracy(teacher, ctx),
-            "teacher_logits_cached": cache is not None,
-            "teacher_cache_misses": cache.misses if cache is not None else None,
-            "history": result["history"]})
+        accuracy = fitted["test_accuracy"]
+        metrics = {"method": type(self).__name__, "epochs": epochs,
+                   "teacher": self.teacher or (inputs.parent.stage if inputs.parent else None),
+                   "teacher_accuracy": self._teacher_accuracy(teacher, inputs),
+                   **loss_figures, "history": fitted["history"]}
+        note = None
         if self.compare_scratch:
-            self._no_teacher(student, initial, epochs, optimizer, ctx)
-        return student
+            config = student_config or inputs.model_config
+            scratch = self._no_teacher(student, initial, epochs, optimizer, inputs, config)
+            metrics.update(scratch, kd_gain_pt=100 * (accuracy - scratch["no_teacher_accuracy"]))
+            note = (f"distilled student {100 * accuracy:.2f}% vs the same student without a "
+                    f"teacher {100 * scratch['no_teacher_accuracy']:.2f}% "
+                    f"({metrics['kd_gain_pt']:+.2f} pt, {epochs} epochs each)")
+        return StageResult(model=student, accuracy=accuracy, metrics=metrics,
+                           model_config=student_config, note=note)
 
-    def _teacher_accuracy(self, teacher: nn.Module, ctx) -> float:
-        known = ctx.parent.metrics.get("accuracy") if ctx.parent and not self.teacher else None
-        return known if known is not None else ctx.evaluate(teacher)["accuracy"]
+    def _teacher_accuracy(self, teacher: nn.Module, inputs) -> float:
+        parent = inputs.parent
+        known = parent.metrics.get("accuracy") if parent and not self.teacher else None
+        return known if known is not None else inputs.evaluate(teacher)["accuracy"]
 
-    def _no_teacher(self, student, initial, epochs, optimizer, ctx) -> None:
+    def _no_teacher(self, student, initial, epochs, optimizer, inputs, model_config) -> dict:
         """The same student from the same initial weights, trained on labels alone."""
         plain = copy.deepcopy(student)
         plain.load_state_dict(initial)
-        result = ctx.fit(plain, epochs=epochs, optimizer=optimizer, name="no_teacher")
-        acc, kd_acc = result["test_accuracy"], ctx.metrics["accuracy"]
-        artifacts.save_model(plain, Path(ctx.stage_dir) / "no_teacher_model.pt",
-                             model_config=ctx.model_config, num_classes=ctx.data.num_classes,
+        fitted = inputs.fit(plain, epochs=epochs, optimizer=optimizer, name="no_teacher")
+        artifacts.save_model(plain, Path(inputs.stage_dir) / "no_teacher_model.pt",
+                             model_config=model_config, num_classes=inputs.data.num_classes,
                              stage="distill:no_teacher")
-        ctx.metrics.update({"no_teacher_accuracy": acc, "kd_gain_pt": 100 * (kd_acc - acc),
-                            "no_teacher_history": result["history"]})
-        ctx.metrics["note"] = (f"distilled student {100 * kd_acc:.2f}% vs the same student "
-                               f"without a teacher {100 * acc:.2f}% "
-                               f"({100 * (kd_acc - acc):+.2f} pt, {epochs} epochs each)")
+        return {"no_teacher_accuracy": fitted["test_accuracy"],
+                "no_teacher_history": fitted["history"]}
+
+
+@dataclass
+class KD(DistillBase):
+    """Hinton KD; with augmentation off the teacher's logits are computed once and cached."""
+
+    cache_teacher_logits: bool = True  # with augmentation off, run the teacher once per image
+
+    def loss_fn(self, trainable: nn.Module, teacher: nn.Module, inputs
+                ) -> tuple[LossFn, dict]:
+        ce = nn.CrossEntropyLoss(label_smoothing=inputs.train.label_smoothing)
+        cache = None
+        if self.cache_teacher_logits and not inputs.augmentation.enabled:
+            cache = LogitCache(teacher, inputs)
+        # Filled as training runs; read after it (the stage reports whether the cache served
+        # every batch).
+        figures = {"teacher_logits_cached": cache is not None, "teacher_cache_misses": None}
+
+        def loss(logits: torch.Tensor, batch: torch.Tensor, labels: torch.Tensor):
+            target = cache.lookup(batch) if cache is not None else None
+            if target is None:
+                with torch.no_grad(), inputs.hw.autocast():
+                    target = teacher(batch).float()
+            if cache is not None:
+                figures["teacher_cache_misses"] = cache.misses
+            return kd_loss(logits, target, labels, temperature=self.temperature,
+                           alpha=self.alpha, ce=ce)
+
+        if cache is not None:
+            figures["teacher_cache_misses"] = 0
+        return loss, figures

@@ -25,7 +25,9 @@ from effrun.compression.prune.sensitivity import (
     analyze,
     follow_ratios,
 )
+from effrun.errors import EffrunError
 from effrun.measure import count_flops, count_params
+from effrun.stage import StageInputs, StageResult
 
 KEY = "compression.prune"
 IMPORTANCES = ("l1", "taylor")
@@ -150,18 +152,23 @@ class ChannelPrune(SensitivityOptions):
         model.train(was_training)
 
     # -- the stage -------------------------------------------------------------------------
-    def __call__(self, model: nn.Module, ctx) -> nn.Module:
-        size = ctx.data.image_size
+    def __call__(self, model: nn.Module, inputs: StageInputs) -> StageResult:
+        size = inputs.data.image_size
         device = next(model.parameters()).device
         example = torch.zeros(1, 3, *size, device=device)
         self._ignored(model)  # a bad `ignore` name fails here, before any work
         macs0, params0, widths0 = count_macs(model, size), count_params(model), layer_widths(model)
-        batches = train_batches(ctx, self.taylor_batches, device=device) \
+        batches = train_batches(inputs, self.taylor_batches, device=device) \
             if self.importance == "taylor" else []
         fast_macs = MacsCounter(model, size)
         fast0 = fast_macs(model)
-        ratios = self._sensitivity(model, ctx, example, batches, fast_macs) \
-            if self.sensitivity else None
+        metrics: dict = {"method": "channel", "importance": self.importance}
+        ratios = None
+        if self.sensitivity:
+            ratios, metrics["sensitivity"] = self._sensitivity(model, inputs, example, batches,
+                                                               fast_macs)
+            if ratios is not None:
+                metrics["group_ratios"] = ratios
         macs_mode = self.target_macs_ratio is not None and ratios is None
         pruner = self._pruner(
             model, example, ratios,
@@ -176,7 +183,7 @@ class ChannelPrune(SensitivityOptions):
                 goal = 1.0 - (1.0 - self.target_macs_ratio) * round_ / self.steps
                 while fast_macs(model) > goal * fast0:
                     if pruner.current_step >= pruner.iterative_steps:
-                        raise ValueError(
+                        raise EffrunError(
                             f"{KEY}.target_macs_ratio={self.target_macs_ratio} is out of reach "
                             f"with max_layer_ratio={self.max_layer_ratio} (reached "
                             f"{fast_macs(model) / fast0:.3f}): raise max_layer_ratio")
@@ -187,26 +194,30 @@ class ChannelPrune(SensitivityOptions):
             log.info("prune: round %d/%d, MACs %.3f of the original", round_, self.steps,
                      fast_macs(model) / fast0)
             if round_ < self.steps:
-                finetune(model, ctx, epochs=self.step_epochs, lr=self.lr, name=f"round{round_}")
+                name = f"round{round_}"
+                tuned = finetune(model, inputs, epochs=self.step_epochs, lr=self.lr, name=name)
+                if tuned:
+                    metrics.setdefault("finetune", {})[name] = tuned
 
         macs = count_macs(model, size)
         widths = layer_widths(model)
-        ctx.metrics.update({
-            "method": "channel", "importance": self.importance, "macs": macs,
-            "macs_original": macs0, "macs_ratio": macs / macs0,
-            "params_ratio": count_params(model) / params0, "widths": widths,
-            "widths_original": widths0,
-            "accuracy_before_finetune": ctx.evaluate(model)["accuracy"]})
-        ctx.metrics["note"] = (f"structured: {100 * macs / macs0:.1f}% of the original MACs, "
-                               f"{100 * ctx.metrics['params_ratio']:.1f}% of the parameters, "
-                               f"a smaller dense network")
-        ctx.artifact_extra["pruned_widths"] = widths
-        result = finetune(model, ctx, epochs=self.finetune_epochs, lr=self.lr)
-        if result is not None:  # the loop's final test figure; saves the pipeline another pass
-            ctx.metrics["accuracy"] = result["test_accuracy"]
-        return model
+        params_ratio = count_params(model) / params0
+        metrics.update({
+            "macs": macs, "macs_original": macs0, "macs_ratio": macs / macs0,
+            "params_ratio": params_ratio, "widths": widths, "widths_original": widths0,
+            "accuracy_before_finetune": inputs.evaluate(model)["accuracy"]})
+        tuned = finetune(model, inputs, epochs=self.finetune_epochs, lr=self.lr)
+        if tuned:
+            metrics.setdefault("finetune", {})["finetune"] = tuned
+        # The loop's final test figure when it fine-tuned; saves another evaluation pass.
+        accuracy = tuned["test_accuracy"] if tuned else inputs.evaluate(model)["accuracy"]
+        note = (f"structured: {100 * macs / macs0:.1f}% of the original MACs, "
+                f"{100 * params_ratio:.1f}% of the parameters, a smaller dense network")
+        return StageResult(model=model, accuracy=accuracy, metrics=metrics, note=note,
+                           artifact_meta={"pruned_widths": widths})
 
-    def _sensitivity(self, model, ctx, example, batches, fast_macs) -> dict[str, float] | None:
+    def _sensitivity(self, model, inputs, example, batches, fast_macs
+                     ) -> tuple[dict[str, float] | None, dict]:
         ignored = self._ignored(model)
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
         names = {m: n for n, m in model.named_modules()}
@@ -220,10 +231,10 @@ class ChannelPrune(SensitivityOptions):
             self._score(m, batches)
             self._pruner(m, example, {unit: level}, 1, 0.0, False).step()
 
-        rows = analyze(model, ctx, units, self.sensitivity_levels, prune_one,
-                       self.sensitivity_samples)
+        rows, report = analyze(model, inputs, units, self.sensitivity_levels, prune_one,
+                               self.sensitivity_samples)
         if not self.sensitivity_follow:
-            return None
+            return None, report
         widths = layer_widths(model)
         channels = {u: widths[u] for u in units}
 
@@ -236,6 +247,4 @@ class ChannelPrune(SensitivityOptions):
             return 1.0 - fast_macs(trial) / macs0
 
         target = self.ratio if self.target_macs_ratio is None else 1.0 - self.target_macs_ratio
-        ratios = follow_ratios(rows, reduction, target, KEY)
-        ctx.metrics["group_ratios"] = ratios
-        return ratios
+        return follow_ratios(rows, reduction, target, KEY), report

@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from effrun import artifacts
-from effrun.data import BatchLoader
+from effrun.data import BatchLoader, sample_indices
+from effrun.errors import EffrunError
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
 
@@ -26,7 +25,7 @@ def match(names: list[str], patterns: list[str], key: str) -> list[str]:
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-            raise ValueError(f"{key}: no Conv2d/Linear layer named {pattern!r} "
+            raise EffrunError(f"{key}: no Conv2d/Linear layer named {pattern!r} "
                              f"(layers: {shown})")
     return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
@@ -53,7 +52,7 @@ def select_layers(model: nn.Module, layers: list[str] | None, exclude: list[str]
     dropped = set(match(names, exclude, f"{key}.exclude")) if exclude else set()
     chosen = [n for n in chosen if n not in dropped]
     if not chosen:
-        raise ValueError(f"{key}: the layer selection is empty")
+        raise EffrunError(f"{key}: the layer selection is empty")
     return {n: all_layers[n] for n in chosen}
 
 
@@ -77,59 +76,52 @@ def weight_sparsity(state_dict: dict[str, torch.Tensor], names: list[str]) -> di
             "layer_sparsity": per_layer}
 
 
-def finetune(model: nn.Module, ctx, *, epochs: int, lr: float, name: str = "finetune",
+def finetune(model: nn.Module, inputs, *, epochs: int, lr: float, name: str = "finetune",
              after_step: Callable | None = None) -> dict | None:
     """Fine-tune with the spine's loop: the run's optimizer at `lr`, no warm-up.
 
     The pruned model starts from trained weights, so the run's warm-up (meant for a random init)
-    is dropped and the schedule decays from `lr`. Returns fit's result (None when epochs == 0).
+    is dropped and the schedule decays from `lr`. Returns the figures for metrics.json
+    (epochs, lr, test_accuracy, history), or None when epochs == 0.
     """
     if epochs <= 0:
         return None
-    optimizer = dataclasses.replace(ctx.cfg.optimizer, lr=lr, warmup_epochs=0.0)
-    result = ctx.fit(model, epochs=epochs, optimizer=optimizer, after_step=after_step, name=name)
-    ctx.metrics.setdefault("finetune", {})[name] = {
-        "epochs": epochs, "lr": lr, "test_accuracy": result["test_accuracy"],
-        "history": result["history"]}
-    return result
+    optimizer = dataclasses.replace(inputs.optimizer, lr=lr, warmup_epochs=0.0)
+    fitted = inputs.fit(model, epochs=epochs, optimizer=optimizer, after_step=after_step,
+                        name=name)
+    return {"epochs": epochs, "lr": lr, "test_accuracy": fitted["test_accuracy"],
+            "history": fitted["history"]}
 
 
-def save_and_measure(model: nn.Module, stage_dir: Path, ctx, names: list[str]
-                     ) -> tuple[Path, dict[str, torch.Tensor]]:
-    """Save the artifact as the pipeline would, then measure sparsity from the saved file;
-    returns the path and the saved state_dict.
+def measured_sparsity(model: nn.Module, names: list[str]) -> dict:
+    """Sparsity of the weights as they will be saved (the state_dict the artifact stores):
+    over `names`, per layer, and over every conv/linear weight (`sparsity_all_layers`).
 
-    Measuring the file rather than the live model is the honest figure: it is what a user
-    deploys, and it proves the masks were made permanent (no mask buffers, zeros in `weight`).
+    Measured on what is saved rather than on masks: it proves the masks were made permanent
+    (no mask buffers, the zeros sit in `weight`) and is what a user deploys.
     """
-    path = artifacts.save_model(model, Path(stage_dir) / artifacts.MODEL_FILE,
-                                model_config=ctx.model_config,
-                                num_classes=ctx.data.num_classes, stage=ctx.stage,
-                                extra=ctx.artifact_extra)
-    saved = artifacts.read_model_file(path)["state_dict"]
-    ctx.metrics.update(weight_sparsity(saved, names))
+    saved = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    figures = weight_sparsity(saved, names)
     all_layers = [k[: -len(".weight")] for k, v in saved.items()
                   if k.endswith(".weight") and v.dim() in (2, 4)]
-    ctx.metrics["sparsity_all_layers"] = weight_sparsity(saved, all_layers)["sparsity"]
-    return path, saved
+    figures["sparsity_all_layers"] = weight_sparsity(saved, all_layers)["sparsity"]
+    return figures
 
 
-def train_batches(ctx, count: int, batch_size: int = 128, device=None):
+def train_batches(inputs, count: int, batch_size: int = 128, device=None):
     """`count` fixed (seeded, un-augmented) training batches, e.g. for Taylor importance."""
-    data = ctx.data
-    gen = torch.Generator().manual_seed(ctx.cfg.run.seed)
-    pick = torch.randperm(len(data.train_y), generator=gen)[: count * batch_size]
+    data = inputs.data
+    pick = sample_indices(len(data.train_y), count * batch_size, inputs.seed)
     loader = BatchLoader(data.train_x[pick], data.train_y[pick], batch_size, mean=data.mean,
                          std=data.std, device=device or "cpu")
     return list(loader)
 
 
-def sample_split(ctx, samples: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+def sample_split(inputs, samples: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Images to score pruning choices on: the val split when there is one, else a seeded
     sample of the training set — never the test set the run reports."""
-    data = ctx.data
+    data = inputs.data
     if data.val_x is not None:
         return data.val_x, data.val_y, "val"
-    gen = torch.Generator().manual_seed(ctx.cfg.run.seed + 1)
-    pick = torch.randperm(len(data.train_y), generator=gen)[:samples]
+    pick = sample_indices(len(data.train_y), samples, inputs.seed + 1)
     return data.train_x[pick], data.train_y[pick], "train sample"

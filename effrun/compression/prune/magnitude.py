@@ -10,7 +10,6 @@ or compression of the file is used. The stage says so in its metrics.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,7 +17,7 @@ from torch import nn
 from effrun.compression.prune.common import (
     apply_masks,
     finetune,
-    save_and_measure,
+    measured_sparsity,
     select_layers,
 )
 from effrun.compression.prune.sensitivity import (
@@ -26,6 +25,7 @@ from effrun.compression.prune.sensitivity import (
     analyze,
     follow_ratios,
 )
+from effrun.stage import StageInputs, StageResult
 
 KEY = "compression.prune"
 SCOPES = ("global", "layer")
@@ -99,15 +99,17 @@ class MagnitudePrune(SensitivityOptions):
             raise ValueError(f"{KEY}.agp_end must be in (0, 1] and {KEY}.update_every >= 1")
         super().__post_init__()
 
-    def __call__(self, model: nn.Module, ctx) -> nn.Module:
+    def __call__(self, model: nn.Module, inputs: StageInputs) -> StageResult:
         layers = select_layers(model, self.layers, self.exclude, self.skip_first_last, KEY)
         names = list(layers)
-        per_layer = self._sensitivity(model, ctx, layers) if self.sensitivity else None
-        ctx.metrics.update({"method": "magnitude", "target_sparsity": self.sparsity,
-                            "scope": "per-layer (sensitivity)" if per_layer else self.scope,
-                            "schedule": self.schedule})
+        metrics: dict = {"method": "magnitude", "target_sparsity": self.sparsity,
+                         "schedule": self.schedule}
+        per_layer = None
+        if self.sensitivity:
+            per_layer, metrics["sensitivity"] = self._sensitivity(model, inputs, layers)
+        metrics["scope"] = "per-layer (sensitivity)" if per_layer else self.scope
         if per_layer:
-            ctx.metrics["layer_target_sparsity"] = per_layer
+            metrics["layer_target_sparsity"] = per_layer
 
         def masks_at(sparsity: float) -> dict[str, torch.Tensor]:
             return magnitude_masks(model, names, sparsity, self.scope, per_layer)
@@ -116,7 +118,7 @@ class MagnitudePrune(SensitivityOptions):
         if self.schedule == "oneshot":
             state["masks"] = masks_at(self.sparsity)
             apply_masks(model, state["masks"])
-            ctx.metrics["accuracy_before_finetune"] = ctx.evaluate(model)["accuracy"]
+            metrics["accuracy_before_finetune"] = inputs.evaluate(model)["accuracy"]
 
         def after_step(m: nn.Module, step: int, total: int) -> None:
             if self.schedule == "agp":
@@ -128,32 +130,31 @@ class MagnitudePrune(SensitivityOptions):
                     state["masks"] = masks_at(agp_sparsity(self.sparsity, last, end))
             apply_masks(m, state["masks"])
 
-        finetune(model, ctx, epochs=self.finetune_epochs, lr=self.lr, after_step=after_step)
+        tuned = finetune(model, inputs, epochs=self.finetune_epochs, lr=self.lr,
+                         after_step=after_step)
+        if tuned:
+            metrics["finetune"] = {"finetune": tuned}
         # Bake the final masks in (EMA or weight averaging may have refilled zeros). For agp
         # they are recomputed at the final sparsity: when fine-tuning resumed past its last step
         # no hook ran, and the zeros in the weights give the same masks back.
         apply_masks(model, state["masks"] if self.schedule == "oneshot"
                     else masks_at(self.sparsity))
-        return model
+        metrics.update(measured_sparsity(model, names))
+        note = (f"unstructured sparsity {100 * metrics['sparsity']:.1f}% of the pruned layers "
+                f"(measured from the saved weights); the tensors stay dense and dense kernels "
+                f"multiply the zeros, so latency does not improve")
+        return StageResult(model=model, accuracy=inputs.evaluate(model)["accuracy"],
+                           metrics=metrics, note=note)
 
-    def _sensitivity(self, model, ctx, layers) -> dict[str, float] | None:
+    def _sensitivity(self, model, inputs, layers) -> tuple[dict[str, float] | None, dict]:
         def prune_one(m: nn.Module, name: str, level: float) -> None:
             apply_masks(m, magnitude_masks(m, [name], level, "layer"))
 
-        rows = analyze(model, ctx, list(layers), self.sensitivity_levels, prune_one,
-                       self.sensitivity_samples)
+        rows, report = analyze(model, inputs, list(layers), self.sensitivity_levels, prune_one,
+                               self.sensitivity_samples)
         if not self.sensitivity_follow:
-            return None
+            return None, report
         sizes = {n: m.weight.numel() for n, m in layers.items()}
         total = sum(sizes.values())
         return follow_ratios(rows, lambda r: sum(r[n] * sizes[n] for n in sizes) / total,
-                             self.sparsity, KEY)
-
-    def save(self, model: nn.Module, stage_dir: Path, ctx) -> Path:
-        names = list(select_layers(model, self.layers, self.exclude, self.skip_first_last, KEY))
-        path, _ = save_and_measure(model, stage_dir, ctx, names)
-        ctx.metrics["note"] = (
-            f"unstructured sparsity {100 * ctx.metrics['sparsity']:.1f}% of the pruned layers "
-            f"(measured from the saved weights); the tensors stay dense and dense kernels "
-            f"multiply the zeros, so latency does not improve")
-        return path
+                             self.sparsity, KEY), report

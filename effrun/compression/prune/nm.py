@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,9 +19,11 @@ from torch import nn
 from effrun.compression.prune.common import (
     apply_masks,
     finetune,
-    save_and_measure,
+    measured_sparsity,
     select_layers,
 )
+from effrun.errors import EffrunError
+from effrun.stage import StageInputs, StageResult
 
 KEY = "compression.prune"
 log = logging.getLogger("effrun")
@@ -76,32 +77,31 @@ class NMPrune:
         ok = [name for name, layer in chosen.items() if nm_compatible(layer, self.m)]
         return ok, [name for name in chosen if name not in ok]
 
-    def __call__(self, model: nn.Module, ctx) -> nn.Module:
+    def __call__(self, model: nn.Module, inputs: StageInputs) -> StageResult:
         names, skipped = self._layers(model)
         if not names:
-            raise ValueError(f"{KEY}: no selected layer has an input width divisible by "
-                             f"m={self.m}")
+            raise EffrunError(f"{KEY}: no selected layer has an input width divisible by "
+                              f"m={self.m}")
         if skipped:
             log.info("prune: %d layers left dense (input width not a multiple of %d): %s",
                      len(skipped), self.m, ", ".join(skipped))
         masks = {name: nm_mask(model.get_submodule(name).weight, self.n, self.m)
                  for name in names}
         apply_masks(model, masks)
-        ctx.metrics.update({"method": "nm", "pattern": f"{self.n}:{self.m}",
-                            "dense_layers": skipped,
-                            "accuracy_before_finetune": ctx.evaluate(model)["accuracy"]})
-        finetune(model, ctx, epochs=self.finetune_epochs, lr=self.lr,
-                 after_step=lambda m, step, total: apply_masks(m, masks))
+        metrics: dict = {"method": "nm", "pattern": f"{self.n}:{self.m}",
+                         "dense_layers": skipped,
+                         "accuracy_before_finetune": inputs.evaluate(model)["accuracy"]}
+        tuned = finetune(model, inputs, epochs=self.finetune_epochs, lr=self.lr,
+                         after_step=lambda m, step, total: apply_masks(m, masks))
+        if tuned:
+            metrics["finetune"] = {"finetune": tuned}
         apply_masks(model, masks)  # EMA or weight averaging may have refilled zeros
-        return model
-
-    def save(self, model: nn.Module, stage_dir: Path, ctx) -> Path:
-        names, _ = self._layers(model)
-        path, saved = save_and_measure(model, stage_dir, ctx, names)
-        ctx.metrics["pattern_holds"] = all(
-            follows_nm(saved[f"{name}.weight"], self.n, self.m) for name in names)
-        ctx.metrics["note"] = (
-            f"{self.n}:{self.m} semi-structured sparsity ({100 * ctx.metrics['sparsity']:.1f}% "
-            f"of the pruned layers' weights, measured from the saved weights): only sparse "
-            f"tensor cores (NVIDIA Ampere+) can use it; on the CPU there is no speed-up")
-        return path
+        metrics.update(measured_sparsity(model, names))
+        state = model.state_dict()
+        metrics["pattern_holds"] = all(
+            follows_nm(state[f"{name}.weight"], self.n, self.m) for name in names)
+        note = (f"{self.n}:{self.m} semi-structured sparsity ({100 * metrics['sparsity']:.1f}% "
+                f"of the pruned layers' weights, measured from the saved weights): only sparse "
+                f"tensor cores (NVIDIA Ampere+) can use it; on the CPU there is no speed-up")
+        return StageResult(model=model, accuracy=inputs.evaluate(model)["accuracy"],
+                           metrics=metrics, note=note)

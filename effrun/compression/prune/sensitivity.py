@@ -20,6 +20,7 @@ from rich.table import Table
 from torch import nn
 
 from effrun.compression.prune.common import sample_split
+from effrun.errors import EffrunError
 from effrun.evaluate import evaluate
 
 log = logging.getLogger("effrun")
@@ -47,27 +48,27 @@ class SensitivityOptions:
             raise ValueError(f"{key}.sensitivity_follow needs {key}.sensitivity=true")
 
 
-def analyze(model: nn.Module, ctx, units: list[str], levels: list[float],
-            prune_one: PruneOne, samples: int) -> list[dict]:
-    """Accuracy of the model with each unit pruned alone at each level; writes the report."""
-    x, y, split = sample_split(ctx, samples)
-    hw, bs = ctx.hw, ctx.cfg.run.train.eval_batch_size
-    base = evaluate(hw.prepare(copy.deepcopy(model)), x, y, ctx.data, hw,
+def analyze(model: nn.Module, inputs, units: list[str], levels: list[float],
+            prune_one: PruneOne, samples: int) -> tuple[list[dict], dict]:
+    """Accuracy of the model with each unit pruned alone at each level; writes the report.
+    Returns the rows and the figures for metrics.json."""
+    x, y, split = sample_split(inputs, samples)
+    hw, bs = inputs.hw, inputs.train.eval_batch_size
+    base = evaluate(hw.prepare(copy.deepcopy(model)), x, y, inputs.data, hw,
                     batch_size=bs)["accuracy"]
     rows = []
     for unit in units:
         for level in levels:
             trial = copy.deepcopy(model)
             trial = prune_one(trial, unit, level) or trial
-            acc = evaluate(hw.prepare(trial), x, y, ctx.data, hw, batch_size=bs)["accuracy"]
+            acc = evaluate(hw.prepare(trial), x, y, inputs.data, hw, batch_size=bs)["accuracy"]
             rows.append({"layer": unit, "level": level, "accuracy": acc,
                          "drop_pt": 100 * (base - acc)})
     log.info("sensitivity: %d layers x %d levels scored on %d %s images (unpruned %.4f)",
              len(units), len(levels), len(y), split, base)
-    write_report(rows, levels, Path(ctx.stage_dir), base, split)
-    ctx.metrics["sensitivity"] = {"split": split, "images": len(y), "base_accuracy": base,
-                                  "csv": "sensitivity.csv"}
-    return rows
+    write_report(rows, levels, Path(inputs.stage_dir), base, split)
+    return rows, {"split": split, "images": len(y), "base_accuracy": base,
+                  "csv": "sensitivity.csv"}
 
 
 def write_report(rows: list[dict], levels: list[float], stage_dir: Path, base: float,
@@ -125,7 +126,7 @@ def follow_ratios(rows: list[dict], measure: Callable[[dict[str, float]], float]
     curves = _curves(rows)
     hi = max(points[-1][1] for points in curves.values()) + 1e-6
     if measure(ratios_for_budget(curves, hi)) < target:
-        raise ValueError(f"{key}: sensitivity_follow cannot reach the target {target:.3g} with "
+        raise EffrunError(f"{key}: sensitivity_follow cannot reach the target {target:.3g} with "
                          f"sensitivity_levels up to {max(r['level'] for r in rows)}: add "
                          f"higher levels")
     lo = 0.0

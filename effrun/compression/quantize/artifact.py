@@ -13,6 +13,7 @@ compiler at load time; whether Inductor fused the int8 kernels into it is checke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,13 +24,9 @@ import torch
 from torch import nn
 
 from effrun import artifacts
-from effrun.compression.quantize.common import (
-    COMPILE_OPTIONS,
-    FUSED_INT8_OP,
-    MAX_BATCH,
-    Int8Model,
-    example_batch,
-)
+from effrun.compile import fused_int8_kernels
+from effrun.compression.quantize.common import COMPILE_OPTIONS, Int8Model, export_program
+from effrun.stage import Deployment
 
 log = logging.getLogger("effrun")
 
@@ -38,22 +35,26 @@ META_FILE = "effrun.json"
 AOTI_FILE = "model_aoti.pt2"
 
 
-def _export(gm: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    return torch.export.export(gm, (example,), dynamic_shapes=({0: batch},), strict=True)
+def _no_meta() -> dict:
+    """The metadata of a .pt2 that carries none (not written by effrun): int8, run as is."""
+    return {"deploy": Deployment(precision="int8").to_meta()}
 
 
-def save_int8(model: Int8Model, stage_dir: Path, ctx, *, aot_package: bool) -> Path:
-    example = example_batch(ctx.data)
-    meta = {"format": FORMAT, "stage": ctx.stage, "precision": "int8",
-            "model_config": dict(ctx.model_config), "num_classes": ctx.data.num_classes,
-            "compile_options": COMPILE_OPTIONS, "expected_kernels": FUSED_INT8_OP.pattern,
-            **ctx.artifact_extra}
+def save_int8(model: Int8Model, stage_dir: Path, meta: dict, example: torch.Tensor, *,
+              aot_package: bool) -> Path:
+    """Write model.pt2 (and model_aoti.pt2 with `aot_package`) into `stage_dir`.
+
+    `meta` is the complete artifact metadata the pipeline hands to a saver (stage,
+    model_config, num_classes, deploy, extra); it is stored as effrun.json inside the archive,
+    with the format tag and the AOTInductor package's report. `example` is an input batch for
+    export (its batch dimension is made dynamic)."""
+    stage_dir = Path(stage_dir)
+    meta = {"format": FORMAT, **meta}
     if aot_package:
-        meta["aoti"] = build_aoti(_export(model.gm, example), stage_dir / AOTI_FILE)
+        meta["aoti"] = build_aoti(export_program(model.gm, example), stage_dir / AOTI_FILE)
     path = stage_dir / "model.pt2"
     with artifacts.atomic_path(path) as tmp:
-        torch.export.save(_export(model.gm, example), tmp,
+        torch.export.save(export_program(model.gm, example), tmp,
                           extra_files={META_FILE: json.dumps(meta, default=str)})
     return path
 
@@ -72,7 +73,7 @@ def build_aoti(ep: torch.export.ExportedProgram, path: Path) -> dict:
     with zipfile.ZipFile(path) as z:
         code = "\n".join(z.read(n).decode(errors="replace") for n in z.namelist()
                          if n.endswith(".cpp"))
-    fused = sorted({op.removesuffix("_tensor") for op in FUSED_INT8_OP.findall(code)})
+    fused = sorted(fused_int8_kernels(code))
     if not fused:
         log.warning("quantize: the AOTInductor package has no fused int8 kernel (this torch "
                     "does not apply the x86 int8 fusion ahead of time): it runs dequantize + "
@@ -94,8 +95,10 @@ def load_int8(path: Path) -> tuple[nn.Module, dict]:
         raise FileNotFoundError(f"model artifact not found: {path}")
     if is_aoti_package(path):
         sibling = path.with_name("model.pt2")
-        meta = load_int8(sibling)[1] if sibling.is_file() and sibling != path else {}
-        meta = {**meta, "compile_options": None, "aoti_package": True}
+        meta = load_int8(sibling)[1] if sibling.is_file() and sibling != path else _no_meta()
+        # Already compiled ahead of time: it runs as it is, never through torch.compile.
+        deploy = dataclasses.replace(Deployment.from_meta(meta), compile_options=None)
+        meta = {**meta, "deploy": deploy.to_meta(), "aoti_package": True}
         return Int8Model(torch._inductor.aoti_load_package(str(path))), meta
     extra = {META_FILE: ""}
     try:
@@ -103,5 +106,7 @@ def load_int8(path: Path) -> tuple[nn.Module, dict]:
     except Exception as e:
         raise ValueError(f"cannot load {path} as a torch.export program: "
                          f"{str(e).strip().splitlines()[0]}") from None
-    meta = json.loads(extra[META_FILE]) if extra[META_FILE] else {"precision": "int8"}
+    # Archives written before the stage contract keep the deploy keys at the top level;
+    # Deployment.from_meta reads both layouts.
+    meta = json.loads(extra[META_FILE]) if extra[META_FILE] else _no_meta()
     return Int8Model(ep.module()), meta

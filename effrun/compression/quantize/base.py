@@ -16,23 +16,24 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from effrun.compile import FUSED_INT8_OP, Compiled, compile_and_list_kernels
 from effrun.compression.quantize import artifact
 from effrun.compression.quantize.common import (
+    COMPILE_OPTIONS,
     INT8_LAYERS,
-    Compiled,
     Int8Model,
-    accuracy,
-    compile_and_list_kernels,
     example_batch,
     export_model,
     float_bytes,
     graph_bytes,
     int8_layer_names,
     lean_graph,
+    plain_cpu,
     preflight,
 )
 from effrun.compression.quantize.fallback import accuracy_fallback
-from effrun.measure import count_flops, count_params
+from effrun.measure import ModelFigures, count_flops, count_params
+from effrun.stage import Deployment, StageInputs, StageResult
 
 log = logging.getLogger("effrun")
 EVAL_BATCH = 500
@@ -50,71 +51,85 @@ class Int8Method:
     export_in_train_mode: ClassVar[bool] = False
     key: ClassVar[str] = "compression.quantize"
 
-    def quantize(self, exported: torch.fx.GraphModule, ctx, float_layers: list[str],
-                 reduce_range: bool) -> torch.fx.GraphModule:
-        """The exported float graph → a converted (q/dq) graph."""
+    def quantize(self, exported: torch.fx.GraphModule, inputs: StageInputs,
+                 float_layers: list[str], reduce_range: bool
+                 ) -> tuple[torch.fx.GraphModule, dict]:
+        """The exported float graph → a converted (q/dq) graph, and the method's figures for
+        metrics.json (e.g. calibration batches seen)."""
         raise NotImplementedError
 
-    def check_data(self, ctx) -> None:
+    def check_data(self, inputs: StageInputs) -> None:
         """Method-specific checks on the run (before any work)."""
 
-    def __call__(self, model: nn.Module, ctx) -> nn.Module:
-        info = preflight(model, ctx.hw, float_layers=self.float_layers,
+    def __call__(self, model: nn.Module, inputs: StageInputs) -> StageResult:
+        info = preflight(model, inputs.hw, float_layers=self.float_layers,
                          layer_types=self.layer_types)
-        self.check_data(ctx)
+        self.check_data(inputs)
         reduce_range = (self.reduce_range if self.reduce_range is not None
                         else info["cpu_int8_isa"] in ("avx2", "none", "unknown"))
         model = model.cpu().eval()
-        example = example_batch(ctx.data)
-        shape = (1, *example.shape[1:])
-        tta = ctx.cfg.run.train.tta  # float and int8 scored the same way, here and now
-        float_acc = accuracy(model, ctx.data, tta=tta)
-        ctx.metrics.update(params=count_params(model), flops=count_flops(model, shape),
-                           preflight=info, reduce_range=reduce_range)
+        example = example_batch(inputs.data)
+        # Float and int8 are scored the same way, here and now: plain fp32 CPU, the run's TTA.
+        float_acc = inputs.evaluate(model, hw=plain_cpu())["accuracy"]
+        figures = ModelFigures(params=count_params(model),
+                               flops=count_flops(model, (1, *example.shape[1:])),
+                               weight_bytes=0)
         float_size = float_bytes(model)
-
-        exported = export_model(model.train(self.export_in_train_mode), example)
-        model.eval()
-
-        def quantize(float_layers: list[str]) -> torch.fx.GraphModule:
-            return self.quantize(copy.deepcopy(exported), ctx, float_layers, reduce_range)
-
-        max_drop = getattr(self, "max_accuracy_drop", None)
-        if max_drop is not None:
-            gm, report = accuracy_fallback(
-                quantize, int8_layer_names(model, self.layer_types), model, ctx.data,
-                max_drop=max_drop, eval_images=self.fallback_eval_images,
-                start=list(self.float_layers))
-            ctx.metrics["fallback"] = report
-            float_layers = report["float_layers"]
-        else:
-            gm, float_layers = quantize(list(self.float_layers)), list(self.float_layers)
+        gm, float_layers, method_figures = self._convert(model, example, inputs, reduce_range)
 
         int8 = Int8Model(lean_graph(gm))
-        compiled = Compiled(int8)
+        compiled = Compiled(int8, COMPILE_OPTIONS)
         # Compiled at the evaluation batch shape, so that scoring it does not compile again.
-        eval_shape = (min(EVAL_BATCH, len(ctx.data.test_y)), *example.shape[1:])
+        eval_shape = (min(EVAL_BATCH, len(inputs.data.test_y)), *example.shape[1:])
         kernels = compile_and_list_kernels(compiled, torch.randn(eval_shape))
         if not kernels:
             log.warning("quantize: Inductor generated no fused int8 kernel: this model will "
                         "run its int8 graph as reference q/dq ops, slower than float")
-        acc = accuracy(compiled, ctx.data, tta=tta, batch_size=EVAL_BATCH)
-        size = graph_bytes(int8.gm)
-        ctx.metrics.update(accuracy=acc, float_accuracy=float_acc, accuracy_drop=float_acc - acc,
-                           size_bytes=size, float_size_bytes=float_size,
-                           size_ratio=size / float_size, fused_int8_kernels=kernels,
-                           float_layers=float_layers)
+        acc = inputs.evaluate(compiled, hw=plain_cpu(), batch_size=EVAL_BATCH)["accuracy"]
+        figures.weight_bytes = graph_bytes(int8.gm)
         log.info("quantize: int8 top-1 %.4f (float %.4f), %d -> %d bytes, kernels %s", acc,
-                 float_acc, float_size, size, kernels)
-        ctx.artifact_extra.update(
-            method=type(self).__name__, float_layers=float_layers, size_bytes=size,
-            float_size_bytes=float_size, fused_int8_kernels=kernels,
-            compare_to=str(ctx.parent.artifact) if ctx.parent else None,
-            example_shape=list(example.shape))
-        return int8
+                 float_acc, float_size, figures.weight_bytes, kernels)
+        metrics = {"preflight": info, "reduce_range": reduce_range, **method_figures,
+                   "float_accuracy": float_acc, "accuracy_drop": float_acc - acc,
+                   "float_weight_bytes": float_size,
+                   "weight_ratio": figures.weight_bytes / float_size,
+                   "fused_int8_kernels": kernels, "float_layers": float_layers}
+        deploy = Deployment(precision="int8", compile_options=COMPILE_OPTIONS,
+                            expected_kernels=FUSED_INT8_OP.pattern,
+                            compare_to=str(inputs.parent.artifact) if inputs.parent else None)
+        extra = {"method": type(self).__name__, "float_layers": float_layers,
+                 "weight_bytes": figures.weight_bytes, "float_weight_bytes": float_size,
+                 "fused_int8_kernels": kernels, "example_shape": list(example.shape)}
 
-    def save(self, model: nn.Module, stage_dir: Path, ctx) -> Path:
-        return artifact.save_int8(model, Path(stage_dir), ctx, aot_package=self.aot_package)
+        def save(stage_dir: Path, meta: dict) -> Path:
+            return artifact.save_int8(int8, Path(stage_dir), meta, example,
+                                      aot_package=self.aot_package)
+
+        return StageResult(model=int8, accuracy=acc, metrics=metrics, figures=figures,
+                           artifact_meta=extra, deploy=deploy, save=save)
+
+    def _convert(self, model: nn.Module, example: torch.Tensor, inputs: StageInputs,
+                 reduce_range: bool) -> tuple[torch.fx.GraphModule, list[str], dict]:
+        """Export, quantize and (with max_accuracy_drop) fall back to float layer by layer;
+        returns the converted graph, the layers kept float and the method's figures."""
+        exported = export_model(model.train(self.export_in_train_mode), example)
+        model.eval()
+        figures: dict = {}
+
+        def quantize(float_layers: list[str]) -> torch.fx.GraphModule:
+            gm, method_figures = self.quantize(copy.deepcopy(exported), inputs, float_layers,
+                                               reduce_range)
+            figures.update(method_figures)
+            return gm
+
+        max_drop = getattr(self, "max_accuracy_drop", None)
+        if max_drop is None:
+            return quantize(list(self.float_layers)), list(self.float_layers), figures
+        gm, report = accuracy_fallback(
+            quantize, int8_layer_names(model, self.layer_types), model, inputs,
+            max_drop=max_drop, eval_images=self.fallback_eval_images,
+            start=list(self.float_layers))
+        return gm, report["float_layers"], {**figures, "fallback": report}
 
     def _check_positive(self, name: str, value, minimum=1) -> None:
         if value < minimum:

@@ -20,12 +20,11 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from effrun.compile import FUSED_INT8_OP, Compiled, compile_and_list_kernels  # noqa: F401
+from effrun.compile import FUSED_INT8_OP  # noqa: F401
 from effrun.data import BatchLoader
-from effrun.evaluate import evaluate
+from effrun.errors import EffrunError
 from effrun.hardware import Hardware, cpu_int8_isa
 from effrun.measure import tensor_bytes
-from effrun.schema import ConfigError
 
 log = logging.getLogger("effrun")
 
@@ -41,8 +40,8 @@ INT8_LAYERS = (nn.Conv2d, nn.Linear)
 WEIGHT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.RNNBase, nn.Embedding, nn.Bilinear)
 
 
-class QuantizeError(ConfigError):
-    """A problem found before quantizing, reported as one line."""
+class QuantizeError(EffrunError):
+    """A problem found before quantizing (the model, this torch, this machine), one line."""
 
 
 def _version(dist: str) -> tuple[int, ...]:
@@ -132,11 +131,16 @@ def int8_layer_names(model: nn.Module, layer_types: tuple = INT8_LAYERS) -> list
     return [n for n, m in model.named_modules() if isinstance(m, layer_types)]
 
 
+def export_program(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    """The one torch.export call: strict, with a dynamic batch dimension (1..MAX_BATCH)."""
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    return torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=True)
+
+
 def export_model(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
     """torch.export (strict) with a dynamic batch dimension, as a GraphModule."""
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     try:
-        ep = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=True)
+        ep = export_program(model, example)
     except Exception as e:  # export errors are long; the first line names the construct
         raise QuantizeError(f"torch.export (strict) cannot capture this model, so it cannot be "
                             f"int8-quantized: {str(e).strip().splitlines()[0]}") from None
@@ -216,11 +220,3 @@ class Int8Model(nn.Module):
 def plain_cpu() -> Hardware:
     """How int8 graphs are evaluated: CPU, fp32 inputs, contiguous layout, no autocast."""
     return Hardware(device="cpu", precision="fp32", channels_last=False)
-
-
-def accuracy(model: nn.Module, data, *, split: str = "test", limit: int | None = None,
-             batch_size: int = 500, tta: str = "none") -> float:
-    x, y = (data.test_x, data.test_y) if split == "test" else (data.val_x, data.val_y)
-    if limit is not None:
-        x, y = x[:limit], y[:limit]
-    return evaluate(model, x, y, data, plain_cpu(), batch_size=batch_size, tta=tta)["accuracy"]

@@ -16,20 +16,22 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from effrun.compression.quantize.common import Int8Model, accuracy
+from effrun.compression.quantize.common import Int8Model, plain_cpu
 
 log = logging.getLogger("effrun")
 
 QuantizeFn = Callable[[list[str]], torch.fx.GraphModule]  # float layers -> converted graph
 
 
-def accuracy_fallback(quantize: QuantizeFn, layers: list[str], float_model: nn.Module, data, *,
-                      max_drop: float, eval_images: int, start: list[str]
+def accuracy_fallback(quantize: QuantizeFn, layers: list[str], float_model: nn.Module, inputs,
+                      *, max_drop: float, eval_images: int, start: list[str]
                       ) -> tuple[torch.fx.GraphModule, dict]:
+    data = inputs.data
     split = "val" if data.val_x is not None else "test"
 
     def score(model: nn.Module) -> float:
-        return accuracy(model, data, split=split, limit=eval_images)
+        return inputs.evaluate(model, split, tta="none", limit=eval_images,
+                               hw=plain_cpu())["accuracy"]
 
     float_acc = score(float_model)
     kept = list(start)

@@ -26,11 +26,12 @@ class Int8Dynamic(Int8Method):
     def __post_init__(self) -> None:
         self._check_fallback()
 
-    def quantize(self, exported, ctx, float_layers, reduce_range) -> torch.fx.GraphModule:
+    def quantize(self, exported, inputs, float_layers, reduce_range
+                 ) -> tuple[torch.fx.GraphModule, dict]:
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
         prepared = prepare_pt2e(exported, x86_quantizer(is_dynamic=True, reduce_range=reduce_range,
                                                         float_layers=float_layers))
         # One pass records the weights' ranges; activation ranges are measured at run time.
-        calibrate(prepared, ctx.data, 1, 2, ctx.cfg.run.seed)
-        return convert_pt2e(prepared)
+        calibrate(prepared, inputs.data, 1, 2, inputs.seed)
+        return convert_pt2e(prepared), {}

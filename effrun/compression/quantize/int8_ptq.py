@@ -8,6 +8,7 @@ import torch
 
 from effrun.compression.quantize.base import Int8Method
 from effrun.compression.quantize.common import calibrate, x86_quantizer
+from effrun.errors import EffrunError
 
 
 @dataclass
@@ -24,16 +25,16 @@ class Int8PTQ(Int8Method):
         self._check_positive("calibration_batch_size", self.calibration_batch_size)
         self._check_fallback()
 
-    def check_data(self, ctx) -> None:
-        if len(ctx.data.train_y) == 0:
-            raise ValueError("int8_ptq calibrates on training images and the dataset has none")
+    def check_data(self, inputs) -> None:
+        if len(inputs.data.train_y) == 0:
+            raise EffrunError("int8_ptq calibrates on training images and the dataset has none")
 
-    def quantize(self, exported, ctx, float_layers, reduce_range) -> torch.fx.GraphModule:
+    def quantize(self, exported, inputs, float_layers, reduce_range
+                 ) -> tuple[torch.fx.GraphModule, dict]:
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
         prepared = prepare_pt2e(exported, x86_quantizer(reduce_range=reduce_range,
                                                         float_layers=float_layers))
-        seen = calibrate(prepared, ctx.data, self.calibration_batches,
-                         self.calibration_batch_size, ctx.cfg.run.seed)
-        ctx.metrics["calibration_batches"] = seen
-        return convert_pt2e(prepared)
+        seen = calibrate(prepared, inputs.data, self.calibration_batches,
+                         self.calibration_batch_size, inputs.seed)
+        return convert_pt2e(prepared), {"calibration_batches": seen}

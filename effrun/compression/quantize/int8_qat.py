@@ -13,6 +13,7 @@ import torch
 
 from effrun.compression.quantize.base import Int8Method
 from effrun.compression.quantize.common import x86_quantizer
+from effrun.errors import EffrunError
 
 
 @dataclass
@@ -27,12 +28,13 @@ class Int8QAT(Int8Method):
         if self.lr <= 0:
             raise ValueError(f"{self.key}.lr must be > 0, got {self.lr}")
 
-    def check_data(self, ctx) -> None:
-        if len(ctx.data.train_y) < ctx.cfg.run.train.batch_size:
-            raise ValueError(f"int8_qat fine-tunes on training images: the dataset has "
-                             f"{len(ctx.data.train_y)}, fewer than train.batch_size")
+    def check_data(self, inputs) -> None:
+        if len(inputs.data.train_y) < inputs.train.batch_size:
+            raise EffrunError(f"int8_qat fine-tunes on training images: the dataset has "
+                              f"{len(inputs.data.train_y)}, fewer than train.batch_size")
 
-    def quantize(self, exported, ctx, float_layers, reduce_range) -> torch.fx.GraphModule:
+    def quantize(self, exported, inputs, float_layers, reduce_range
+                 ) -> tuple[torch.fx.GraphModule, dict]:
         from torchao.quantization.pt2e import (
             allow_exported_model_train_eval,
             move_exported_model_to_eval,
@@ -42,12 +44,13 @@ class Int8QAT(Int8Method):
         prepared = prepare_qat_pt2e(exported, x86_quantizer(
             is_qat=True, reduce_range=reduce_range, float_layers=float_layers))
         allow_exported_model_train_eval(prepared)  # the training loop calls train()/eval()
-        optimizer = replace(ctx.cfg.optimizer, lr=self.lr, schedule="cosine", warmup_epochs=0.0)
+        optimizer = replace(inputs.optimizer, lr=self.lr, schedule="cosine", warmup_epochs=0.0)
         # Contiguous layout: the graph hides its convs from the spine's check for the oneDNN
         # channels_last backward crash (strided 1x1 convs on < 8 channels), which it does hit.
-        contiguous = replace(ctx, hw=replace(ctx.hw, channels_last=False))
-        result = contiguous.fit(prepared, epochs=self.epochs, optimizer=optimizer, name="qat")
-        ctx.metrics["qat"] = {"epochs": self.epochs, "history": result["history"],
-                              "fake_quant_test_accuracy": result["test_accuracy"]}
+        # fp32: fake-quant nodes compute in float32 and fail on bf16 activations (autocast).
+        hw = replace(inputs.hw, channels_last=False, precision="fp32")
+        fitted = inputs.fit(prepared, epochs=self.epochs, optimizer=optimizer, name="qat", hw=hw)
         move_exported_model_to_eval(prepared)
-        return convert_pt2e(prepared.cpu())
+        return convert_pt2e(prepared.cpu()), {"qat": {
+            "epochs": self.epochs, "history": fitted["history"],
+            "fake_quant_test_accuracy": fitted["test_accuracy"]}}
