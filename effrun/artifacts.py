@@ -26,13 +26,22 @@ MODEL_FILE = "model.pt"
 
 
 @contextmanager
-def atomic_path(path: Path):
-    """Yield a temp path beside `path`; rename it into place only if the block succeeds."""
+def atomic_path(path: Path, suffix: str = ".tmp"):
+    """Yield a temp path beside `path`; rename it into place only if the block succeeds. The
+    one atomic writer: artifacts, records, checkpoints and the decoded-data cache use it.
+
+    The file gets the permissions a plain open() would (mkstemp's are 0600), so run dirs and a
+    shared cache stay readable as the umask allows. `suffix` is for writers that insist on
+    a file name ending (AOTInductor wants .pt2).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         yield Path(tmp)
         os.replace(tmp, path)
     finally:

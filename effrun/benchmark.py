@@ -42,12 +42,16 @@ class Inference(nn.Module):
 
     def __init__(self, model: nn.Module, hw: Hardware, autocast: bool = True):
         super().__init__()
-        self.model, self.hw, self.use_autocast = model, hw, autocast
+        self.model = model
+        # Resolved here, not in forward: under torch.compile, asking the hardware (which reads
+        # /proc/cpuinfo for `auto` precision) would be traced on every compilation.
+        self.device_type = hw.torch_device.type
+        self.dtype = hw.autocast_dtype if autocast else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.use_autocast:
+        if self.dtype is None:
             return self.model(x)
-        with self.hw.autocast():
+        with torch.autocast(self.device_type, dtype=self.dtype):
             return self.model(x)
 
 
@@ -57,6 +61,7 @@ class Deployed:
     variant ("eager", and "compiled" when hardware.compile or the deployment asks for it)."""
 
     deploy: Deployment
+    hw: Hardware  # the run's hardware, on the device the deployment asks for
     eager: Inference
     variants: dict[str, nn.Module]
 
@@ -83,8 +88,8 @@ def benchmark_one(model: nn.Module, meta: dict, rec, data, config) -> dict:
     `compile_options` (also compiles without hardware.compile), `expected_kernels` (fused
     kernels the compiled code must call, else a flag) and `compare_to` (a reference artifact
     timed the same way, each ratio reported, slower points flagged)."""
-    hw = config.hardware
     deploy = Deployment.from_meta(meta)
+    hw = deployed_hardware(config.hardware, deploy)
     figures = size_figures(model, rec, data)  # before the model is moved or compiled
     target = deploy_model(model, deploy, hw)
     flags: list[str] = []
@@ -116,6 +121,14 @@ def size_figures(model: nn.Module, rec, data) -> dict:
     return {**figures, "file_bytes": artifact_size_bytes(rec.artifact)}
 
 
+def deployed_hardware(hw: Hardware, deploy: Deployment) -> Hardware:
+    """The run's hardware, moved to the device the deployment must run on (x86 int8: the CPU,
+    also when the run trained on a GPU)."""
+    if deploy.device is None or deploy.device == hw.device:
+        return hw
+    return dataclasses.replace(hw, device=deploy.device)
+
+
 def deploy_model(model: nn.Module, deploy: Deployment, hw: Hardware) -> Deployed:
     """Float models run as the run trains them (autocast precision, memory format); a native
     one (int8) carries its own numerics and runs as it is, on the run's device."""
@@ -125,7 +138,7 @@ def deploy_model(model: nn.Module, deploy: Deployment, hw: Hardware) -> Deployed
     variants: dict[str, nn.Module] = {"eager": eager}
     if hw.compile or deploy.compile_options is not None:
         variants["compiled"] = Compiled(eager, deploy.compile_options or {}, dynamic=False)
-    return Deployed(deploy, eager, variants)
+    return Deployed(deploy, hw, eager, variants)
 
 
 def load_reference(deploy: Deployment, hw: Hardware) -> Deployed | None:
@@ -154,7 +167,7 @@ def expected_kernels(target: Deployed, data, config, flags: list[str]) -> list[s
     pattern = target.deploy.expected_kernels
     if "compiled" not in target.variants or not pattern:
         return None
-    hw, train = config.hardware, config.run.train
+    hw, train = target.hw, config.run.train
     shape = (min(train.eval_batch_size, len(data.test_y)), 3, *data.image_size)
     example = torch.randn(shape, device=hw.torch_device)
     found = sorted(compile_and_list_kernels(target.variants["compiled"], example))
@@ -166,7 +179,7 @@ def expected_kernels(target: Deployed, data, config, flags: list[str]) -> list[s
 
 def score(target: Deployed, data, config) -> float:
     """Top-1 on the test split, as deployed (see `Deployed.scored`)."""
-    hw, train = config.hardware, config.run.train
+    hw, train = target.hw, config.run.train
     result = evaluate(target.scored, data.test_x, data.test_y, data, eval_hardware(target, hw),
                       batch_size=train.eval_batch_size, tta=train.tta)
     return result["accuracy"]
@@ -174,7 +187,7 @@ def score(target: Deployed, data, config) -> float:
 
 def time_all(target: Deployed, reference: Deployed | None, data, config, out: dict) -> None:
     """Every (threads, batch size, variant) point into out["latency"] (and the comparison)."""
-    bcfg, hw = config.run.benchmark, config.hardware
+    bcfg, hw = config.run.benchmark, target.hw
     for threads in bcfg.threads or [torch.get_num_threads()]:
         with set_threads(threads):
             for bs in bcfg.batch_sizes:
@@ -207,7 +220,7 @@ def time_point(target: Deployed, reference: Deployed | None, mode: str, example:
 
 def measure(target: Deployed, mode: str, example: torch.Tensor, config) -> dict:
     """Latency of one variant; float inputs come in the run's memory format."""
-    bcfg, hw = config.run.benchmark, config.hardware
+    bcfg, hw = config.run.benchmark, target.hw
     if not target.deploy.native:
         example = example.contiguous(memory_format=hw.memory_format)
     return measure_latency(target.variants[mode], example, warmup=bcfg.warmup, iters=bcfg.iters,
@@ -216,7 +229,7 @@ def measure(target: Deployed, mode: str, example: torch.Tensor, config) -> dict:
 
 def peak_memory(target: Deployed, data, config) -> int | None:
     """Peak memory of one eager forward at the largest benchmarked batch."""
-    hw = config.hardware
+    hw = target.hw
     example = torch.randn(max(config.run.benchmark.batch_sizes), 3, *data.image_size,
                           device=hw.torch_device)
     if not target.deploy.native:

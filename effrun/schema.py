@@ -154,6 +154,28 @@ def register_schemas() -> None:
     store.store(group="schema", name="run", node=root)
 
 
+def load_option(group: str, name: str) -> DictConfig:
+    """One option of a config group as Hydra composes it (its schema, the options it extends,
+    its own values), without composing a whole config: safe inside a running Hydra job."""
+    path = Path(config_dir()) / group / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise ConfigError(f"no {group} option {name!r} (options: {known})")
+    raw = OmegaConf.load(path)
+    node = OmegaConf.create()
+    for entry in raw.pop("defaults", []):
+        if entry == "_self_":
+            continue
+        target = entry.split("@")[0]
+        if target.startswith("/"):
+            register_schemas()
+            schema = ConfigStore.instance().load(f"{target[1:]}.yaml").node
+            node = OmegaConf.merge(node, schema)
+        else:  # another option of the same group
+            node = OmegaConf.merge(node, load_option(group, target))
+    return OmegaConf.merge(node, raw)
+
+
 def compose(overrides: list[str] | None = None) -> DictConfig:
     """The composed config for command-line style overrides, as `effrun` composes it (without
     the hydra node): the one way tests and scripts build a config."""

@@ -33,6 +33,8 @@ What the benchmark may read from an artifact's metadata is only `Deployment`:
                      hardware.compile)
     expected_kernels a regex the compiled code must match (else flagged: e.g. fused int8 kernels)
     compare_to       a reference artifact (its float parent) timed point by point beside it
+    device           where it must run ("cpu" for the x86 int8 path, also in a CUDA run; the
+                     reference is then timed there too); None = the run's device
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class Deployment:
     compile_options: dict | None = None
     expected_kernels: str | None = None
     compare_to: str | None = None
+    device: str | None = None  # where it must run (x86 int8: "cpu"); None = the run's device
 
     @property
     def native(self) -> bool:

@@ -26,20 +26,16 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 from effrun import pipeline
 from effrun.artifacts import load_model, read_json, write_json
-from effrun.cli import config_dir
+from effrun.schema import compose
 
 CIFAR10 = str(Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg")
 
 
 def run_preset(experiment: str, overrides: list[str], run_dir: Path) -> float:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("config", overrides=[f"+experiment={experiment}", *overrides])
+    cfg = compose([f"+experiment={experiment}", *overrides])
     print(f"\n== effrun +experiment={experiment} {' '.join(overrides)}\n   run dir {run_dir}")
     t0 = time.perf_counter()
     pipeline.run(cfg, run_dir)

@@ -27,13 +27,12 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
 from effrun.artifacts import load_model
-from effrun.cli import config_dir
-from effrun.compression.quantize.common import Compiled, float_bytes
-from effrun.context import StageContext
-from effrun.schema import validate
+from effrun.compile import Compiled
+from effrun.compression.quantize.common import float_bytes
+from effrun.schema import compose, validate
+from effrun.stage import Deployment, stage_inputs
 
 TARGETS = {"latency_bs64": 0.30, "latency_bs1": 0.45, "size": 0.30, "top1_drop_points": 0.3}
 
@@ -53,19 +52,17 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def make_ctx(args, stage_dir: Path) -> StageContext:
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            "+experiment=cifar10_int8", f"dataset.root={args.data}", f"train.tta={args.tta}",
-            f"hardware.threads={args.threads}",
-            f"compression.quantize.calibration_batches={args.calibration_batches}",
-            f"compression.quantize.reduce_range={args.reduce_range}"])
-    r = validate(cfg)
-    r.hardware.setup(r.run.seed)
-    data = r.dataset.load(seed=r.run.seed)
-    return StageContext(cfg=r, stage="quantize", stage_dir=stage_dir, data=data,
-                        hw=r.hardware, fingerprint="bench_quant", parent=None,
-                        model_config={"_target_": "bench_quant"})
+def quantize_inputs(args, stage_dir: Path):
+    """(the quantize stage's inputs, its method) for cifar10_int8 with this script's options."""
+    config = validate(compose([
+        "+experiment=cifar10_int8", f"dataset.root={args.data}", f"train.tta={args.tta}",
+        f"hardware.threads={args.threads}",
+        f"compression.quantize.calibration_batches={args.calibration_batches}",
+        f"compression.quantize.reduce_range={args.reduce_range}"]))
+    config.hardware.setup(config.run.seed)
+    data = config.dataset.load(seed=config.run.seed)
+    inputs = stage_inputs(config, "quantize", stage_dir, data, fingerprint="bench_quant")
+    return inputs, config.compression["quantize"]
 
 
 @torch.no_grad()
@@ -105,14 +102,16 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     float_model, meta = load_model(Path(args.model))
-    if meta.get("precision") not in (None, "float"):
+    if Deployment.from_meta(meta).native:
         sys.exit(f"bench_quant: {args.model} is not a float model")
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = make_ctx(args, Path(tmp))
-        method = ctx.cfg.compression["quantize"]
-        int8 = method(float_model, ctx)
-        m = ctx.metrics
-        pt2_bytes = method.save(int8, Path(tmp), ctx).stat().st_size
+        inputs, method = quantize_inputs(args, Path(tmp))
+        quantized = method(float_model, inputs)
+        int8, m = quantized.model, {**quantized.metrics, "accuracy": quantized.accuracy}
+        meta = {"stage": "quantize", "model_config": meta["model_config"],
+                "num_classes": inputs.data.num_classes, "deploy": quantized.deploy.to_meta(),
+                "extra": quantized.artifact_meta}
+        pt2_bytes = quantized.save(Path(tmp), meta).stat().st_size
     # Static shapes: one graph per batch size, as a deployment at that batch would compile it
     # (a graph recompiled with a symbolic batch ran ~5x slower at batch 1 here, fp32 and int8).
     fp32 = Compiled(float_model.eval(), dynamic=False)
@@ -125,7 +124,8 @@ def main() -> int:
         "torch": torch.__version__,
         "float_top1": m["float_accuracy"], "int8_top1": m["accuracy"],
         "top1_drop_points": 100 * (m["float_accuracy"] - m["accuracy"]),
-        "size_ratio": m["size_bytes"] / m["float_size_bytes"], "int8_bytes": m["size_bytes"],
+        "size_ratio": quantized.figures.weight_bytes / m["float_weight_bytes"],
+        "int8_bytes": quantized.figures.weight_bytes,
         "fp32_bytes": float_bytes(float_model), "pt2_file_bytes": pt2_bytes,
         "fp32_file_bytes": Path(args.model).stat().st_size,
         "fused_int8_kernels": m["fused_int8_kernels"], "latency": lat,

@@ -29,37 +29,36 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from effrun import pipeline
 from effrun.artifacts import load_model, read_json
-from effrun.cli import config_dir
+from effrun.data import sample_indices
 from effrun.evaluate import evaluate, tta_views
-from effrun.schema import Resolved, validate
+from effrun.schema import EffrunConfig, compose, validate
 from effrun.train import fit
 
 CIFAR10 = str(Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg")
 
 
-def resolved(experiment: str, overrides: list[str]) -> Resolved:
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return validate(compose("config", overrides=[f"+experiment={experiment}", *overrides]))
+def resolved(experiment: str, overrides: list[str]) -> EffrunConfig:
+    return validate(compose([f"+experiment={experiment}", *overrides]))
 
 
 # ------------------------------------------------------------------ (a) runner overhead
 
 
-def hand_written_epochs(model: nn.Module, r: Resolved, x, y, test_x, test_y, data) -> float:
+def hand_written_epochs(model: nn.Module, config: EffrunConfig, x, y, test_x, test_y,
+                        data) -> float:
     """The whole recipe as plain PyTorch, then a test pass; returns test accuracy."""
-    hw, train, aug = r.hardware, r.run.train, r.augmentation
+    hw, train, aug = config.hardware, config.run.train, config.augmentation
     fmt = hw.memory_format
     model = model.to(memory_format=fmt)
-    opt = r.optimizer.build(model)
+    opt = config.optimizer.build(model, batch_size=train.batch_size)
     steps_per_epoch = len(x) // train.batch_size
     total = steps_per_epoch * train.epochs
-    sched = r.optimizer.scheduler(opt, total, steps_per_epoch)
+    sched = config.optimizer.scheduler(opt, total, steps_per_epoch)
     scale = (1 / (255 * torch.tensor(data.std))).view(1, 3, 1, 1)
     shift = (-torch.tensor(data.mean) / torch.tensor(data.std)).view(1, 3, 1, 1)
     avg = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
@@ -120,24 +119,24 @@ def random_crop(x: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 def overhead(args) -> None:
-    r = resolved(args.experiment, [f"dataset.root={args.data}", f"hardware={args.hardware}",
-                                   f"train.epochs={args.epochs}", "train.tta=none",
-                                   "train.eval_every=0", *args.overrides])
-    r.hardware.setup(0)
-    full = r.dataset.load(seed=0)
-    g = torch.Generator().manual_seed(0)
-    pick = torch.randperm(len(full.train_y), generator=g)[:args.train_images]
+    config = resolved(args.experiment, [f"dataset.root={args.data}", f"hardware={args.hardware}",
+                                        f"train.epochs={args.epochs}", "train.tta=none",
+                                        "train.eval_every=0", *args.overrides])
+    config.hardware.setup(0)
+    full = config.dataset.load(seed=0)
+    pick = sample_indices(len(full.train_y), args.train_images, seed=0)
     data = copy.copy(full)
     data.train_x, data.train_y = full.train_x[pick], full.train_y[pick]
     # Random subsets: image trees are stored class by class.
-    pick = torch.randperm(len(full.test_y), generator=g)[:args.test_images]
+    pick = sample_indices(len(full.test_y), args.test_images, seed=1)
     data.test_x, data.test_y = full.test_x[pick], full.test_y[pick]
-    model = r.model.build(num_classes=data.num_classes)
+    model = config.model.build(num_classes=data.num_classes)
     pipeline.init_from_data(model, data, seed=0)
+    hw = config.hardware
     print(f"{args.experiment}: {type(model).__name__}, {len(data.train_y)} train / "
-          f"{len(data.test_y)} test images, batch {r.run.train.batch_size}, {args.epochs} epochs, "
-          f"precision {r.hardware.resolved_precision}, channels_last {r.hardware.channels_last}, "
-          f"threads {torch.get_num_threads()}")
+          f"{len(data.test_y)} test images, batch {config.run.train.batch_size}, "
+          f"{args.epochs} epochs, precision {hw.resolved_precision}, channels_last "
+          f"{hw.channels_last}, threads {torch.get_num_threads()}")
     ratios, cpu_ratios = [], []
     for rnd in range(args.rounds):
         times, cpu = {}, {}
@@ -147,11 +146,12 @@ def overhead(args) -> None:
             t0, c0 = time.perf_counter(), time.process_time()
             if side == "fit":
                 with tempfile.TemporaryDirectory() as tmp:
-                    acc = fit(m, data, hw=r.hardware, train=r.run.train, optimizer=r.optimizer,
-                              augment=r.augmentation, checkpoint=Path(tmp) / "ckpt.pt",
+                    acc = fit(m, data, hw=config.hardware, train=config.run.train,
+                              optimizer=config.optimizer, augment=config.augmentation,
+                              checkpoint=Path(tmp) / "ckpt.pt",
                               seed=0)["test_accuracy"]
             else:
-                acc = hand_written_epochs(m, r, data.train_x, data.train_y, data.test_x,
+                acc = hand_written_epochs(m, config, data.train_x, data.train_y, data.test_x,
                                           data.test_y, data)
             times[side], cpu[side] = time.perf_counter() - t0, time.process_time() - c0
             print(f"  round {rnd + 1} {side:4s} {times[side]:7.2f}s wall {cpu[side]:7.2f}s cpu"
@@ -173,29 +173,28 @@ def run(args) -> None:
     train_dir = pipeline.stage_dir_for(run_dir, "train")
     overrides = [f"dataset.root={args.data}", f"hardware={args.hardware}", "stages=[train]",
                  *args.overrides]
-    r = resolved(args.experiment, overrides)
+    config = resolved(args.experiment, overrides)
     if args.retrain or not (train_dir / "stage.json").exists():
         if (train_dir / "stage.json").exists():  # keep the finished run; train next to it
             run_dir = run_dir.with_name(f"{run_dir.name}_retrain_{time.strftime('%H%M%S')}")
             train_dir = pipeline.stage_dir_for(run_dir, "train")
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            cfg = compose("config", overrides=[f"+experiment={args.experiment}", *overrides])
+        cfg = compose([f"+experiment={args.experiment}", *overrides])
         t0 = time.perf_counter()
         pipeline.run(cfg, run_dir)
         print(f"trained in {time.perf_counter() - t0:.0f}s wall (data, train, final eval)")
-    report(r, run_dir, train_dir)
+    report(config, run_dir, train_dir)
 
 
-def report(r: Resolved, run_dir: Path, train_dir: Path) -> None:
+def report(config: EffrunConfig, run_dir: Path, train_dir: Path) -> None:
     metrics = read_json(train_dir / "metrics.json")
     stage = read_json(train_dir / "stage.json")
     epochs = [h["seconds"] for h in metrics["history"]]
     tta = stage["config"]["train"].get("tta", "none")
-    r.hardware.setup(0)
-    data = r.dataset.load(seed=0)
+    config.hardware.setup(0)
+    data = config.dataset.load(seed=0)
     model, _ = load_model(train_dir / "model.pt")
-    model = r.hardware.prepare(model)
-    plain = evaluate(model, data.test_x, data.test_y, data, r.hardware)["accuracy"]
+    model = config.hardware.prepare(model)
+    plain = evaluate(model, data.test_x, data.test_y, data, config.hardware)["accuracy"]
     out = {"run_dir": str(run_dir), "epochs": len(epochs),
            "seconds_per_epoch": statistics.mean(epochs), "train_seconds": sum(epochs),
            "cpu_seconds_per_epoch": statistics.mean(h.get("cpu_seconds", float("nan"))
@@ -224,11 +223,11 @@ def matmul_peak_flops(threads: int, size: int = 2048, repeats: int = 20) -> floa
 
 
 def floor(args) -> None:
-    r = resolved(args.experiment, ["dataset=synthetic", f"hardware={args.hardware}",
+    config = resolved(args.experiment, ["dataset=synthetic", f"hardware={args.hardware}",
                                    *args.overrides])
-    r.hardware.setup(0)
-    train = r.run.train
-    model = r.model.build(num_classes=10)
+    config.hardware.setup(0)
+    train = config.run.train
+    model = config.model.build(num_classes=10)
     x = torch.randn(64, 3, 32, 32)
     counter = FlopCounterMode(display=False)
     with counter:  # forward and backward as training runs them (frozen weights get no grads)

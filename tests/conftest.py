@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from effrun.schema import compose, config_dir
 
 REPO = Path(__file__).resolve().parents[1]

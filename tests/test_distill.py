@@ -15,6 +15,7 @@ from effrun.artifacts import load_model, save_model
 from effrun.compression.distill.kd import LogitCache, kd_loss
 from effrun.compression.prune.channel import ChannelPrune
 from effrun.data import BatchLoader
+from effrun.errors import EffrunError
 from effrun.models import CifarResNet, model_config_dict
 from effrun.schema import ConfigError, validate
 
@@ -24,7 +25,7 @@ TINY = ["+experiment=smoke", "dataset.num_train=128", "dataset.num_test=64",
 
 
 def make_ctx(tmp_path, method: str, overrides=()):
-    """A StageContext as the pipeline builds it, for calling a method directly."""
+    """StageInputs as the pipeline builds them, for calling a method directly."""
     return stage_ctx(tmp_path, "distill", [*TINY, f"compression/distill={method}",
                                           "stages=[train,distill]", *overrides])
 
@@ -66,27 +67,28 @@ def test_kd_pipeline_with_no_teacher_comparison(tmp_path):
 def test_teacher_logit_cache_matches_the_teacher(tmp_path):
     ctx, _, teacher = make_ctx(tmp_path, "kd", ["augmentation=none"])
     teacher = ctx.hw.prepare(teacher).eval()
-    cache = LogitCache(teacher, ctx)
+    cache = LogitCache(teacher, ctx)  # logits under the run's autocast, as the loss sees them
     data = ctx.data
     loader = BatchLoader(data.train_x, data.train_y, 32, mean=data.mean, std=data.std,
                          shuffle=True, channels_last=ctx.hw.channels_last, seed=3)
     for inputs, _ in loader:
         cached = cache.lookup(inputs)
-        with torch.no_grad():
-            assert torch.allclose(cached, teacher(inputs), atol=1e-5)
+        with torch.no_grad(), ctx.hw.autocast():
+            assert torch.allclose(cached, teacher(inputs).float(), atol=1e-5)
     assert cache.misses == 0
     assert cache.lookup(torch.randn(2, 3, 16, 16)) is None and cache.misses == 1
 
 
 def test_feature_distillation_trains_and_returns_plain_student(tmp_path):
     ctx, method, teacher = make_ctx(tmp_path, "feature", ["compression.distill.epochs=3"])
-    student = method(teacher, ctx)
-    losses = [h["train_loss"] for h in ctx.metrics["history"]]
+    result = method(teacher, ctx)
+    student = result.model
+    losses = [h["train_loss"] for h in result.metrics["history"]]
     assert losses[-1] < losses[0]
     assert not student._forward_hooks and not student.layer2._forward_hooks, "hooks removed"
     assert not any(k.startswith(("proj", "student.")) for k in student.state_dict())
-    assert ctx.model_config["_target_"].endswith("CifarResNet")
-    path = save_model(student, tmp_path / "s.pt", model_config=ctx.model_config,
+    assert result.model_config["_target_"].endswith("CifarResNet")
+    path = save_model(student, tmp_path / "s.pt", model_config=result.model_config,
                       num_classes=10, stage="distill")
     assert load_model(path)[0].fc.in_features == 64
 
@@ -97,13 +99,13 @@ def test_kd_from_checkpoint_teacher_into_pruned_student(tmp_path):
     ctx.stage_dir.mkdir()
     teacher_path = save_model(model, tmp_path / "teacher.pt", model_config=ctx.model_config,
                               num_classes=10, stage="train")
-    pruned = ChannelPrune(ratio=0.5, finetune_epochs=0)(model, ctx)
-    ctx2, _, _ = make_ctx(tmp_path, "kd", ["compression.distill.student=null",
-                                           f"compression.distill.teacher={teacher_path}",
-                                           "compression.distill.epochs=1"])
-    method = ctx2.cfg.compression["distill"]
-    student = method(pruned, ctx2)
-    assert student is pruned and student.layer1[0].conv1.out_channels == 4
+    pruned = ChannelPrune(ratio=0.5, finetune_epochs=0)(model, ctx).model
+    ctx2, method, _ = make_ctx(tmp_path, "kd", ["compression.distill.student=null",
+                                                f"compression.distill.teacher={teacher_path}",
+                                                "compression.distill.epochs=1"])
+    result = method(pruned, ctx2)
+    assert result.model is pruned and pruned.layer1[0].conv1.out_channels == 4
+    assert result.model_config is None, "the parent's architecture config is kept"
 
 
 @pytest.mark.parametrize("override,expect", [
@@ -135,7 +137,7 @@ def _bad_teacher(tmp_path, kind: str) -> str:
 def test_bad_teacher_fails_before_training(tmp_path, kind, expect):
     teacher = _bad_teacher(tmp_path, kind)
     ctx, method, model = make_ctx(tmp_path, "kd", [f"compression.distill.teacher={teacher}"])
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(EffrunError) as e:
         method(model, ctx)
     assert expect in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "kd.pt").exists(), "no training started"
@@ -145,7 +147,7 @@ def test_bad_teacher_fails_before_training(tmp_path, kind, expect):
 def test_feature_unknown_layer_fails_before_training(tmp_path, key):
     ctx, method, model = make_ctx(tmp_path, "feature",
                                   [f"compression.distill.{key}=[layer1,layer7,layer3]"])
-    with pytest.raises(ValueError, match=f"compression.distill.{key}: no layer named 'layer7'"):
+    with pytest.raises(EffrunError, match=f"compression.distill.{key}: no layer named 'layer7'"):
         method(model, ctx)
     assert not (tmp_path / "kd.pt").exists()
 
@@ -158,7 +160,7 @@ def test_cli_bad_teacher_is_one_line(tmp_path):
     res = run_cli([*TINY, "compression/distill=kd", "stages=[distill]", f"init_from={init}",
                    f"compression.distill.teacher={teacher}", f"hydra.run.dir={tmp_path}/run"],
                   cwd=tmp_path)
-    assert res.returncode == 2 and "compression.distill.teacher" in res.stderr
+    assert res.returncode == 1 and "compression.distill.teacher" in res.stderr
     assert "Traceback" not in res.stderr + res.stdout
 
 

@@ -31,14 +31,14 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert s == summary
     assert [r["stage"] for r in s] == ["train", "prune", "distill", "quantize"]
     for rec in s:
-        for key in ("stage", "accuracy", "params", "size_bytes", "latency_ms_p50_bs1",
-                    "latency_ms_p50_bs_max", "throughput_ips"):
+        for key in ("stage", "accuracy", "params", "weight_bytes", "file_bytes",
+                    "latency_ms_p50_bs1", "latency_ms_p50_bs_max", "throughput_ips"):
             assert rec[key] is not None, (rec["stage"], key)
         assert rec["bs_max"] == 8
     assert s[0]["accuracy"] > 0.3, "synthetic data is learnable: well above 10% chance"
     assert s[0]["params"] > 200_000 and s[0]["flops"] > 0
     assert s[1]["flops"] < s[0]["flops"], "channel pruning removes MACs"
-    assert s[3]["size_bytes"] < s[2]["size_bytes"], "int8 is smaller than its float parent"
+    assert s[3]["weight_bytes"] < s[2]["weight_bytes"], "int8 is smaller than its float parent"
     for n, stage in enumerate(["train", "prune", "distill", "quantize"], start=1):
         assert (tmp_path / f"0{n}_{stage}" / "stage.json").is_file()
 

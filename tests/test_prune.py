@@ -14,9 +14,10 @@ from effrun.artifacts import load_model, read_model_file, save_model
 from effrun.compression.prune.channel import ChannelPrune, MacsCounter, count_macs
 from effrun.compression.prune.magnitude import MagnitudePrune, agp_sparsity, magnitude_masks
 from effrun.compression.prune.nm import follows_nm
-from effrun.context import trainable_hardware
+from effrun.errors import EffrunError
 from effrun.models import CifarResNet
 from effrun.schema import ConfigError, validate
+from effrun.stage import trainable_hardware
 
 # Tiny and fast: 16x16 synthetic images, ResNet-20 at width 8, one short epoch.
 TINY = ["+experiment=smoke", "dataset.num_train=128", "dataset.num_test=64",
@@ -25,7 +26,7 @@ X = torch.randn(3, 3, 16, 16)
 
 
 def make_ctx(tmp_path, method: str, overrides=()):
-    """A StageContext as the pipeline builds it, for calling a method directly."""
+    """StageInputs as the pipeline builds them, for calling a method directly."""
     return stage_ctx(tmp_path, "prune", [*TINY, f"compression/prune={method}",
                                           "stages=[train,prune]", *overrides])
 
@@ -36,10 +37,12 @@ def outputs(model):
         return model(X)
 
 
-def reload_equal(model, ctx, tmp_path) -> bool:
+def reload_equal(result, inputs, tmp_path) -> bool:
     """Save as the pipeline does, rebuild from the artifact, compare outputs exactly."""
-    path = save_model(model, tmp_path / "rt.pt", model_config=ctx.model_config,
-                      num_classes=ctx.data.num_classes, stage="prune", extra=ctx.artifact_extra)
+    model = result.model
+    path = save_model(model, tmp_path / "rt.pt", model_config=inputs.model_config,
+                      num_classes=inputs.data.num_classes, stage="prune",
+                      extra=result.artifact_meta)
     reloaded, _ = load_model(path)
     return torch.equal(outputs(model), outputs(reloaded))
 
@@ -96,13 +99,12 @@ def test_magnitude_sensitivity_follow(tmp_path):
         "compression.prune.sensitivity_levels=[0.5,0.9]", "compression.prune.sparsity=0.6",
         "compression.prune.scope=layer", "compression.prune.finetune_epochs=0",
         "compression.prune.sensitivity_samples=64"])
-    method(model, ctx)
+    result = method(model, ctx)
     rows = list(csv.DictReader(open(tmp_path / "sensitivity.csv")))
-    assert len(rows) == 2 * (len(ctx.metrics["layer_target_sparsity"]))
-    targets = ctx.metrics["layer_target_sparsity"]
+    assert len(rows) == 2 * (len(result.metrics["layer_target_sparsity"]))
+    targets = result.metrics["layer_target_sparsity"]
     assert len(set(round(v, 3) for v in targets.values())) > 1, "ratios follow the curves"
-    method.save(model, tmp_path, ctx)
-    assert ctx.metrics["sparsity"] == pytest.approx(0.6, abs=0.01)
+    assert result.metrics["sparsity"] == pytest.approx(0.6, abs=0.01)
 
 
 @pytest.mark.parametrize("depth,importance,steps,epochs", [(20, "taylor", 2, 1), (56, "l1", 1, 0)])
@@ -113,19 +115,20 @@ def test_channel_prune_meets_macs_budget_and_reloads(tmp_path, depth, importance
         f"compression.prune.finetune_epochs={epochs}", "compression.prune.step_epochs=1",
         "compression.prune.taylor_batches=1"])
     macs0, params0 = count_macs(model, (16, 16)), sum(p.numel() for p in model.parameters())
-    pruned = method(model, ctx)
+    result = method(model, ctx)
+    pruned = result.model
     assert count_macs(pruned, (16, 16)) <= 0.5 * macs0
     # The shape-based counter that drives the budget search agrees with the op counter.
     fresh = CifarResNet(depth=depth, width=8).build(10)
     assert MacsCounter(fresh, (16, 16))(pruned) == count_macs(pruned, (16, 16))
     assert sum(p.numel() for p in pruned.parameters()) < params0, "physically smaller"
-    assert ctx.metrics["macs_ratio"] <= 0.5 and pruned.fc.out_features == 10
-    widths = ctx.artifact_extra["pruned_widths"]
+    assert result.metrics["macs_ratio"] <= 0.5 and pruned.fc.out_features == 10
+    widths = result.artifact_meta["pruned_widths"]
     # Residual coupling: every conv feeding a stage's sum keeps the same width.
     stage1 = {widths[n] for n in widths if n == "conv1" or (n.startswith("layer1.")
                                                             and n.endswith("conv2"))}
     assert len(stage1) == 1 and stage1.pop() < 8
-    assert reload_equal(pruned, ctx, tmp_path)
+    assert reload_equal(result, ctx, tmp_path)
     assert all(pruned.get_submodule(n).out_channels == w for n, w in widths.items()
                if n != "fc")
 
@@ -134,12 +137,12 @@ def test_channel_ratio_mode_round_to_and_ignore(tmp_path):
     ctx, method, model = make_ctx(tmp_path, "channel", [
         "compression.prune.ratio=0.5", "compression.prune.round_to=4",
         "compression.prune.ignore=[layer2.1.conv1]", "compression.prune.finetune_epochs=0"])
-    pruned = method(model, ctx)
-    widths = ctx.artifact_extra["pruned_widths"]
+    result = method(model, ctx)
+    widths = result.artifact_meta["pruned_widths"]
     assert widths["layer2.1.conv1"] == 16, "ignored layer keeps its channels"
     assert widths["layer2.0.conv1"] == 8 and all(w % 4 == 0 for w in widths.values()
                                                   if w != 10)
-    assert reload_equal(pruned, ctx, tmp_path)
+    assert reload_equal(result, ctx, tmp_path)
 
 
 def test_channel_sensitivity_follow_meets_macs(tmp_path):
@@ -148,23 +151,24 @@ def test_channel_sensitivity_follow_meets_macs(tmp_path):
         "compression.prune.sensitivity=true",
         "compression.prune.sensitivity_follow=true", "compression.prune.sensitivity_levels=[0.5]",
         "compression.prune.finetune_epochs=0", "compression.prune.sensitivity_samples=64"])
-    pruned = method(model, ctx)
-    assert (tmp_path / "sensitivity.csv").is_file() and ctx.metrics["group_ratios"]
-    assert ctx.metrics["macs_ratio"] <= 0.6 + 1e-6
-    assert reload_equal(pruned, ctx, tmp_path)
+    result = method(model, ctx)
+    assert (tmp_path / "sensitivity.csv").is_file() and result.metrics["group_ratios"]
+    assert result.metrics["macs_ratio"] <= 0.6 + 1e-6
+    assert reload_equal(result, ctx, tmp_path)
 
 
 def test_nm_two_four_pattern_survives_finetuning(tmp_path):
     ctx, method, model = make_ctx(tmp_path, "nm", ["compression.prune.finetune_epochs=1"])
-    pruned = method(model, ctx)
-    method.save(pruned, tmp_path, ctx)
+    result = method(model, ctx)
+    save_model(result.model, tmp_path / "model.pt", model_config=ctx.model_config,
+               num_classes=ctx.data.num_classes, stage="prune")
     saved = read_model_file(tmp_path / "model.pt")["state_dict"]
     convs = [k for k in saved if k.endswith("conv1.weight") or k.endswith("conv2.weight")]
     assert all(follows_nm(saved[k], 2, 4) for k in convs if k != "conv1.weight")
     assert not follows_nm(saved["conv1.weight"], 2, 4), "first conv kept dense"
-    assert ctx.metrics["pattern_holds"] and ctx.metrics["sparsity"] == pytest.approx(0.5)
-    assert "no speed-up" in ctx.metrics["note"]
-    assert reload_equal(pruned, ctx, tmp_path)
+    assert result.metrics["pattern_holds"] and result.metrics["sparsity"] == pytest.approx(0.5)
+    assert "no speed-up" in result.note
+    assert reload_equal(result, ctx, tmp_path)
 
 
 @pytest.mark.parametrize("override,expect", [
@@ -184,7 +188,7 @@ def test_bad_prune_config_is_one_line(override, expect):
                                         ("nm", "exclude")])
 def test_unknown_layer_fails_before_training(tmp_path, method, key):
     ctx, m, model = make_ctx(tmp_path, method, [f"compression.prune.{key}=[layer9.conv]"])
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(EffrunError) as e:
         m(model, ctx)
     assert f"compression.prune.{key}" in str(e.value) and "layer9.conv" in str(e.value)
     assert "\n" not in str(e.value) and not list(tmp_path.glob("*.pt")), "nothing trained"
@@ -193,19 +197,18 @@ def test_unknown_layer_fails_before_training(tmp_path, method, key):
 def test_unreachable_macs_budget_is_an_error(tmp_path):
     ctx, _, model = make_ctx(tmp_path, "channel", ["model.depth=8"])
     method = ChannelPrune(target_macs_ratio=0.01, max_layer_ratio=0.5, finetune_epochs=0)
-    with pytest.raises(ValueError, match="out of reach"):
+    with pytest.raises(EffrunError, match="out of reach"):
         method(model, ctx)
 
 
 def test_magnitude_oneshot_without_finetuning_keeps_exact_count(tmp_path):
     ctx, _, model = make_ctx(tmp_path, "magnitude")
     method = MagnitudePrune(sparsity=0.3, finetune_epochs=0, layers=["layer3.*"])
-    pruned = method(model, ctx)
-    method.save(pruned, tmp_path, ctx)
-    assert set(ctx.metrics["layer_sparsity"]) == {
-        n for n, m in pruned.named_modules() if n.startswith("layer3.")
+    result = method(model, ctx)
+    assert set(result.metrics["layer_sparsity"]) == {
+        n for n, m in result.model.named_modules() if n.startswith("layer3.")
         and isinstance(m, torch.nn.Conv2d)}
-    assert ctx.metrics["sparsity"] == pytest.approx(0.3, abs=1e-4)
+    assert result.metrics["sparsity"] == pytest.approx(0.3, abs=1e-4)
 
 
 def test_narrow_strided_shortcuts_train_contiguous():

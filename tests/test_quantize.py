@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import compose_cfg, options
+from conftest import compose_cfg, options, stage_ctx
 from torch import nn
 
 from effrun import pipeline
@@ -18,7 +18,6 @@ from effrun.compression.quantize.common import QuantizeError
 from effrun.compression.quantize.int8_dynamic import Int8Dynamic
 from effrun.compression.quantize.int8_ptq import Int8PTQ
 from effrun.compression.quantize.int8_qat import Int8QAT
-from effrun.context import StageContext
 from effrun.data import BatchLoader
 from effrun.schema import ConfigError, validate
 
@@ -35,10 +34,15 @@ def images(data, n=64):
 
 
 def make_ctx(tmp_path, overrides=()):
-    r = validate(compose_cfg(["+experiment=smoke", *overrides]))
-    data = r.dataset.load(seed=0)
-    return StageContext(cfg=r, stage="quantize", stage_dir=tmp_path, data=data, hw=r.hardware,
-                        fingerprint="test", parent=None, model_config={"_target_": "test"})
+    """StageInputs of the quantize stage (a test model, so no model config to rebuild it)."""
+    return stage_ctx(tmp_path, "quantize", ["+experiment=smoke", *overrides])[0]
+
+
+def save_meta(inputs, result) -> dict:
+    """The artifact metadata the pipeline hands to a saver."""
+    return {"stage": "quantize", "model_config": {"_target_": "test"},
+            "num_classes": inputs.data.num_classes, "deploy": result.deploy.to_meta(),
+            "extra": result.artifact_meta}
 
 
 def graph_ops(model) -> set[str]:
@@ -53,11 +57,12 @@ def test_ptq_pipeline_fuses_int8_and_round_trips(tmp_path):
     assert m["fused_int8_kernels"].get("qconv_pointwise", 0) >= 5, m["fused_int8_kernels"]
     assert "qlinear_pointwise" in m["fused_int8_kernels"]
     # Deployed size: int8 weights + per-channel scales; the .pt2 file also carries the graph.
-    assert m["size_bytes"] < 0.35 * m["float_size_bytes"] < m["artifact_bytes"]
+    assert m["weight_bytes"] < 0.35 * m["float_weight_bytes"] < m["file_bytes"]
     assert m["calibration_batches"] == 8  # 512 images / 64: all there are, with a warning
 
     int8, meta = load_model(qdir / "model.pt2")
-    assert meta["precision"] == "int8" and meta["compare_to"].endswith("01_train/model.pt")
+    deploy = meta["deploy"]
+    assert deploy["precision"] == "int8" and deploy["compare_to"].endswith("01_train/model.pt")
     ops = graph_ops(int8)
     assert "quantized_decomposed.quantize_per_tensor.default" in ops
     assert "quantized_decomposed.dequantize_per_channel.default" in ops  # per-channel weights
@@ -82,7 +87,7 @@ def test_ptq_pipeline_fuses_int8_and_round_trips(tmp_path):
 
     bench = json.loads((tmp_path / "05_benchmark" / "metrics.json").read_text())["models"]
     q = next(b for b in bench if b["stage"] == "quantize")
-    assert q["kernels_found"] and q["size_bytes"] == m["size_bytes"]
+    assert q["kernels_found"] and q["weight_bytes"] == m["weight_bytes"]
     points = q["vs_reference"]["points"]
     assert {p["mode"] for p in points} == {"eager", "compiled"}
     assert all(p["ratio"] > 0 for p in points)
@@ -97,11 +102,12 @@ def test_qat_trains_fake_quant_then_converts(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2),
                           nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
     method = Int8QAT(epochs=1, lr=0.01)
-    int8 = method(model, ctx)
-    assert len(ctx.metrics["qat"]["history"]) == 1 and (tmp_path / "qat.pt").is_file()
-    assert ctx.metrics["fused_int8_kernels"].get("qconv_pointwise", 0) >= 2
+    result = method(model, ctx)
+    int8 = result.model
+    assert len(result.metrics["qat"]["history"]) == 1 and (tmp_path / "qat.pt").is_file()
+    assert result.metrics["fused_int8_kernels"].get("qconv_pointwise", 0) >= 2
     assert "quantized_decomposed.dequantize_per_channel.default" in graph_ops(int8)
-    path = method.save(int8, tmp_path, ctx)
+    path = result.save(tmp_path, save_meta(ctx, result))
     reloaded, _ = load_model(path)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -135,18 +141,19 @@ def test_dynamic_with_fallback_keeps_the_sensitive_layer_float(tmp_path):
     with torch.no_grad():
         model[2].weight[:, -1] = 1e4
     method = Int8Dynamic(max_accuracy_drop=0.03, fallback_eval_images=500)
-    int8 = method(model, ctx)
-    report = ctx.metrics["fallback"]
+    result = method(model, ctx)
+    int8, metrics = result.model, result.metrics
+    report = metrics["fallback"]
     first, last = report["steps"][0], report["steps"][-1]
     assert report["float_accuracy"] > 0.3 and first["drop"] > 0.1, report
     assert report["sensitivity"]["2"] > report["sensitivity"]["4"]
     assert last["float_layers"] == ["2"] and report["within_tolerance"]
-    assert ctx.metrics["float_layers"] == ["2"] and ctx.metrics["accuracy_drop"] <= 0.03
-    assert ctx.metrics["fused_int8_kernels"], "the remaining Linear runs as a fused int8 kernel"
+    assert metrics["float_layers"] == ["2"] and metrics["accuracy_drop"] <= 0.03
+    assert metrics["fused_int8_kernels"], "the remaining Linear runs as a fused int8 kernel"
 
-    path = method.save(int8, tmp_path, ctx)
+    path = result.save(tmp_path, save_meta(ctx, result))
     reloaded, meta = load_model(path)
-    assert meta["float_layers"] == ["2"]
+    assert meta["extra"]["float_layers"] == ["2"]
     x = torch.randn(5, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(reloaded(x).argmax(1), int8(x).argmax(1))

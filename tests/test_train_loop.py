@@ -12,8 +12,8 @@ from torch import nn
 from effrun.data import SyntheticData
 from effrun.errors import ConfigError, EffrunError
 from effrun.hardware import Hardware
-from effrun.optim import SGD
 from effrun.measure import set_threads
+from effrun.optim import SGD
 from effrun.schema import ConfigError as SchemaConfigError
 from effrun.schema import TrainConfig
 from effrun.train import TrainingDiverged, fit

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -185,24 +184,15 @@ def _read_cache(path: Path, splits: Sequence[str]) -> dict | None:
 
 
 def _write_cache(path: Path, tree: dict) -> None:
-    """Atomic: write a temp file in the same directory, then rename over the final name."""
+    """Atomic (effrun.artifacts.atomic_path); a cache that cannot be written is a warning: the
+    decoded data is still good, just not cached."""
+    from effrun.artifacts import atomic_path
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    except OSError as err:
-        warnings.warn(f"not caching decoded images ({path.parent}: {err})", stacklevel=3)
-        return
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a shared cache dir needs reads
-        torch.save(tree, tmp)
-        os.replace(tmp, path)
-    except OSError as err:  # e.g. disk full: the decoded data is still good, just not cached
-        Path(tmp).unlink(missing_ok=True)
+        with atomic_path(path) as tmp:
+            torch.save(tree, tmp)
+    except OSError as err:  # e.g. disk full or a read-only cache dir
         warnings.warn(f"could not write cache file {path}: {err}", stacklevel=3)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_tree_splits(root: Path, *, image_size: int | None, cache_dir: Path) -> DataSplits:

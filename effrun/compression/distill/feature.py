@@ -107,10 +107,10 @@ class FeatureKD(DistillBase):
         teacher_features: list = [None] * len(self.teacher_layers)
         _record(teacher, self.teacher_layers, teacher_features, "teacher_layers")
 
-        def loss(logits: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor):
+        def loss(logits: torch.Tensor, batch: torch.Tensor, labels: torch.Tensor):
             # Features change with every augmented view, so the teacher runs on every batch.
             with torch.no_grad(), inputs.hw.autocast():
-                target = teacher(inputs).float()
+                target = teacher(batch).float()
             return (kd_loss(logits, target, labels, temperature=self.temperature,
                             alpha=self.alpha, ce=ce)
                     + self.beta * trainable.hint_loss(teacher_features))

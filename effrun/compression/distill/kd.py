@@ -19,29 +19,27 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 
 from effrun import artifacts
 from effrun.data import BatchLoader
 from effrun.errors import ConfigError, EffrunError
 from effrun.models import model_config_dict
-from effrun.schema import build_node
+from effrun.schema import build_node, load_option
 from effrun.stage import StageInputs, StageResult
 from effrun.train import LossFn
 
 KEY = "compression.distill"
-MODEL_OPTIONS = Path(__file__).resolve().parents[2] / "configs" / "model"
 log = logging.getLogger("effrun")
 
 
 def model_option(name: str, where: str) -> object:
     """The config dataclass of model option `name` (configs/model/<name>.yaml)."""
-    path = MODEL_OPTIONS / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in MODEL_OPTIONS.glob("*.yaml")))
-        raise ConfigError(f"{where}: no model option {name!r} (options: {known})")
-    return build_node(OmegaConf.load(path), where)
+    try:
+        node = load_option("model", name)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return build_node(node, where)
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, *,

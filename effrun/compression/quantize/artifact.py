@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import zipfile
 from pathlib import Path
 
@@ -63,13 +62,9 @@ def build_aoti(ep: torch.export.ExportedProgram, path: Path) -> dict:
     """Compile an AOTInductor package; report whether its code calls fused int8 kernels."""
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401 (fusion passes)
 
-    tmp = path.with_name(f".{path.stem}.partial.pt2")  # AOTI wants a name ending in .pt2
-    try:
+    with artifacts.atomic_path(path, suffix=".pt2") as tmp:  # AOTI wants a name ending in .pt2
         torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp),
                                                  inductor_configs=dict(COMPILE_OPTIONS))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     with zipfile.ZipFile(path) as z:
         code = "\n".join(z.read(n).decode(errors="replace") for n in z.namelist()
                          if n.endswith(".cpp"))

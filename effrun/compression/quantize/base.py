@@ -95,7 +95,7 @@ class Int8Method:
                    "weight_ratio": figures.weight_bytes / float_size,
                    "fused_int8_kernels": kernels, "float_layers": float_layers}
         deploy = Deployment(precision="int8", compile_options=COMPILE_OPTIONS,
-                            expected_kernels=FUSED_INT8_OP.pattern,
+                            expected_kernels=FUSED_INT8_OP.pattern, device="cpu",
                             compare_to=str(inputs.parent.artifact) if inputs.parent else None)
         extra = {"method": type(self).__name__, "float_layers": float_layers,
                  "weight_bytes": figures.weight_bytes, "float_weight_bytes": float_size,

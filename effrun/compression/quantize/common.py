@@ -82,9 +82,6 @@ def preflight(model: nn.Module, hw: Hardware, *, float_layers: Iterable[str] = (
     if torchao_version < MIN_TORCHAO:
         raise QuantizeError(f"int8 quantization needs torchao>={'.'.join(map(str, MIN_TORCHAO))}"
                             f" (its pt2e flow), found {importlib.metadata.version('torchao')}")
-    if hw.torch_device.type != "cpu":
-        raise QuantizeError(f"the x86 int8 path runs on the CPU, but hardware.device resolves to "
-                            f"{hw.torch_device}: use hardware=cpu for the quantize stage")
     engines = torch.backends.quantized.supported_engines
     if not torch.backends.mkldnn.is_available() or not {"x86", "onednn"} & set(engines):
         raise QuantizeError(f"this torch build has no oneDNN int8 engine (quantized engines: "
@@ -98,6 +95,9 @@ def preflight(model: nn.Module, hw: Hardware, *, float_layers: Iterable[str] = (
         raise QuantizeError("the parent model is already quantized (it holds int8 ops): quantize "
                             "a float model, e.g. init_from=<a float model.pt>")
     warnings = []
+    if hw.torch_device.type != "cpu":
+        warnings.append(f"the run uses {hw.torch_device}; the x86 int8 model is built, scored "
+                        f"and benchmarked on the CPU")
     isa = cpu_int8_isa()
     if isa in ("avx2", "none", "unknown"):
         warnings.append(f"this CPU has no VNNI/AMX int8 instructions ({isa}): oneDNN int8 runs "

@@ -48,7 +48,8 @@ class Int8QAT(Int8Method):
         # Contiguous layout: the graph hides its convs from the spine's check for the oneDNN
         # channels_last backward crash (strided 1x1 convs on < 8 channels), which it does hit.
         # fp32: fake-quant nodes compute in float32 and fail on bf16 activations (autocast).
-        hw = replace(inputs.hw, channels_last=False, precision="fp32")
+        # The CPU: the x86 int8 graph it converts to runs there.
+        hw = replace(inputs.hw, device="cpu", channels_last=False, precision="fp32")
         fitted = inputs.fit(prepared, epochs=self.epochs, optimizer=optimizer, name="qat", hw=hw)
         move_exported_model_to_eval(prepared)
         return convert_pt2e(prepared.cpu()), {"qat": {
