@@ -45,6 +45,17 @@ def stage_ctx(tmp_path: Path, stage: str, overrides: list[str]):
     return inputs, config.compression.get(stage), config.model.build(num_classes=data.num_classes)
 
 
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """One run of the smoke study, every stage (train → channel prune → KD → int8 PTQ →
+    benchmark), shared by the tests that read a finished run: (run dir, summary records).
+    Tests must not change it; copy it first."""
+    from effrun import pipeline
+
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    return run_dir, pipeline.run(compose_cfg(["+experiment=smoke"]), run_dir)
+
+
 @pytest.fixture(autouse=True)
 def _cache_dir(tmp_path_factory, monkeypatch):
     # Decoded-data caches of the tests stay out of the user's cache unless CI points elsewhere.

@@ -33,10 +33,14 @@ def test_editable_install_runs_from_elsewhere(tmp_path):
     assert res.returncode == 0 and "depth: 56" in res.stdout, res.stderr[-2000:]
 
 
-def test_multirun_sweep(tmp_path):
-    res = run_cli(["-m", "+experiment=smoke", "stages=[train]", "train.epochs=1",
-                   "optimizer.lr=0.001,0.003"], cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-2000:]
+def test_multirun_reports_a_failed_job_and_finishes_the_others(tmp_path):
+    """In a sweep, a job that fails (train.epochs=-1 is refused by validation) is reported in its
+    job dir and in a line at the end; the other jobs run to completion; the exit code says."""
+    res = run_cli(["-m", "+experiment=smoke", "stages=[train]", "dataset.num_train=256",
+                   "dataset.num_test=64", "train.epochs=-1,1"], cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and "1 job(s) failed" in res.stderr
     sweep = next((tmp_path / "outputs" / "smoke" / "multirun").iterdir())
-    for job in ("0", "1"):
-        assert (sweep / job / "summary.json").is_file()
+    assert "train.epochs must be >= 0" in (sweep / "0" / "error.txt").read_text()
+    assert "train.epochs must be >= 0" in (sweep / "0" / "effrun.log").read_text()
+    assert (sweep / "1" / "summary.json").is_file() and not (sweep / "1" / "error.txt").exists()

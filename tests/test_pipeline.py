@@ -3,32 +3,37 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from conftest import REPO, compose_cfg, run_cli
 
 from effrun import pipeline
 from effrun.artifacts import load_model, read_model_file
+from effrun.errors import EffrunError
 from effrun.schema import validate
 
 
-def test_smoke_pipeline_end_to_end(tmp_path):
-    cfg = compose_cfg(["+experiment=smoke"])
-    summary = pipeline.run(cfg, tmp_path)
-    train_dir = tmp_path / "01_train"
+def test_smoke_pipeline_end_to_end(smoke_run):
+    run_dir, summary = smoke_run
+    train_dir = run_dir / "01_train"
     for name in ("model.pt", "metrics.json", "stage.json", "checkpoint.pt"):
         assert (train_dir / name).is_file(), name
-    bench = json.loads((tmp_path / "05_benchmark" / "metrics.json").read_text())
+    bench = json.loads((run_dir / "05_benchmark" / "metrics.json").read_text())
     assert bench["models"][0]["latency"], "benchmark measured latencies"
     stage = json.loads((train_dir / "stage.json").read_text())
     assert stage["stage"] == "train" and stage["versions"]["torch"] == torch.__version__
     assert stage["model_config"]["_target_"].endswith("CifarResNet")
-    s = json.loads((tmp_path / "summary.json").read_text())["records"]
+    written = json.loads((run_dir / "summary.json").read_text())
+    s = written["records"]
     assert s == summary
+    assert written["headline"]["stage"] == "quantize"
+    assert written["headline"]["accuracy"] == s[-1]["accuracy"]
     assert [r["stage"] for r in s] == ["train", "prune", "distill", "quantize"]
     for rec in s:
         for key in ("stage", "accuracy", "params", "weight_bytes", "file_bytes",
@@ -40,13 +45,13 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert s[1]["flops"] < s[0]["flops"], "channel pruning removes MACs"
     assert s[3]["weight_bytes"] < s[2]["weight_bytes"], "int8 is smaller than its float parent"
     for n, stage in enumerate(["train", "prune", "distill", "quantize"], start=1):
-        assert (tmp_path / f"0{n}_{stage}" / "stage.json").is_file()
+        assert (run_dir / f"0{n}_{stage}" / "stage.json").is_file()
+    metrics = json.loads((run_dir / "02_prune" / "metrics.json").read_text())
+    assert metrics["weight_bytes"] < metrics["file_bytes"], "weights, then the file around them"
 
 
-def test_artifact_round_trip(tmp_path):
-    cfg = compose_cfg(["+experiment=smoke", "train.epochs=1", "stages=[train]"])
-    pipeline.run(cfg, tmp_path)
-    path = tmp_path / "01_train" / "model.pt"
+def test_artifact_round_trip(smoke_run):
+    path = smoke_run[0] / "01_train" / "model.pt"
     blob = read_model_file(path)  # weights_only=True inside
     assert blob["stage"] == "train" and blob["num_classes"] == 10
     m1, _ = load_model(path)
@@ -57,27 +62,22 @@ def test_artifact_round_trip(tmp_path):
     assert torch.load(path, weights_only=True)["state_dict"].keys() == m1.state_dict().keys()
 
 
-def test_init_from_and_benchmark_only(tmp_path):
-    pipeline.run(compose_cfg(["+experiment=smoke", "train.epochs=1", "stages=[train]"]),
-                 tmp_path / "a")
-    art = tmp_path / "a" / "01_train" / "model.pt"
+def test_init_from_and_benchmark_only(tmp_path, smoke_run):
+    art = smoke_run[0] / "01_train" / "model.pt"
     summary = pipeline.run(compose_cfg(["+experiment=smoke", "stages=[benchmark]",
                                         f"init_from={art}"]), tmp_path / "b")
     assert summary[0]["stage"] == "init:train" and summary[0]["latency_ms_p50_bs1"] > 0
 
 
-def test_rerun_finished_run_does_not_train_again(tmp_path):
-    cfg = compose_cfg(["+experiment=smoke", "train.epochs=1", "stages=[train]"])
-    pipeline.run(cfg, tmp_path)
-    stamp = (tmp_path / "01_train" / "stage.json").stat().st_mtime_ns
-    pipeline.run(cfg, tmp_path)
-    assert (tmp_path / "01_train" / "stage.json").stat().st_mtime_ns == stamp
+def test_rerun_finished_run_does_not_train_again(tmp_path, smoke_run):
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run[0], run_dir)
+    stamps = {p: p.stat().st_mtime_ns for p in run_dir.glob("0*/stage.json")}
+    pipeline.run(compose_cfg(["+experiment=smoke"]), run_dir)
+    assert len(stamps) == 5 and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     changed = compose_cfg(["+experiment=smoke", "train.epochs=2", "stages=[train]"])
-    try:
-        pipeline.run(changed, tmp_path)
-        raise AssertionError("a finished stage with another config must not be reused")
-    except Exception as e:
-        assert "different config" in str(e)
+    with pytest.raises(EffrunError, match="different config"):
+        pipeline.run(changed, run_dir)
 
 
 def test_killed_training_resumes(tmp_path):
@@ -106,19 +106,17 @@ def test_killed_training_resumes(tmp_path):
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
 
 
-def test_nan_loss_stops_with_clear_message(tmp_path):
+def test_nan_loss_stops_with_clear_message_in_a_run_dir_under_cwd(tmp_path):
+    """Diverged training is a user error: one line, exit 1, no traceback, also in the run's log;
+    the run dir is created under the current directory, wherever effrun is run from."""
     res = run_cli(["+experiment=smoke", "optimizer.lr=1e30", "optimizer.warmup_epochs=0",
-                   "stages=[train]", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+                   "stages=[train]"], cwd=tmp_path)
     assert res.returncode == 1
     assert "loss became" in res.stderr and "Traceback" not in res.stderr
-
-
-def test_cli_from_any_directory_writes_outputs_there(tmp_path):
-    res = run_cli(["+experiment=smoke", "train.epochs=1", "stages=[train]"], cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-2000:]
-    runs = list((tmp_path / "outputs" / "smoke").iterdir())
-    assert len(runs) == 1 and (runs[0] / "summary.json").exists()
-    assert not (REPO / "outputs" / "smoke" / runs[0].name).exists()
+    (run_dir,) = (tmp_path / "outputs" / "smoke").iterdir()
+    assert "loss became" in (run_dir / "effrun.log").read_text()
+    assert "loss became" in (run_dir / "error.txt").read_text()
+    assert not (REPO / "outputs" / "smoke" / run_dir.name).exists()
 
 
 def test_validate_accepts_default_config():

@@ -49,25 +49,26 @@ def graph_ops(model) -> set[str]:
     return {str(n.target) for n in model.gm.graph.nodes if n.op == "call_function"}
 
 
-def test_ptq_pipeline_fuses_int8_and_round_trips(tmp_path):
-    pipeline.run(compose_cfg([*TINY, "compression/quantize=int8_ptq",
-                              "stages=[train,quantize,benchmark]"]), tmp_path)
-    qdir = tmp_path / "04_quantize"
+def test_ptq_pipeline_fuses_int8_and_round_trips(tmp_path, smoke_run):
+    """The smoke study's quantize stage: int8_ptq of the distilled ResNet-20."""
+    run_dir = smoke_run[0]
+    qdir = run_dir / "04_quantize"
     m = json.loads((qdir / "metrics.json").read_text())
     assert m["fused_int8_kernels"].get("qconv_pointwise", 0) >= 5, m["fused_int8_kernels"]
     assert "qlinear_pointwise" in m["fused_int8_kernels"]
     # Deployed size: int8 weights + per-channel scales; the .pt2 file also carries the graph.
     assert m["weight_bytes"] < 0.35 * m["float_weight_bytes"] < m["file_bytes"]
-    assert m["calibration_batches"] == 8  # 512 images / 64: all there are, with a warning
+    assert m["calibration_batches"] == 16  # 1024 images / 64: all there are, with a warning
 
     int8, meta = load_model(qdir / "model.pt2")
     deploy = meta["deploy"]
-    assert deploy["precision"] == "int8" and deploy["compare_to"].endswith("01_train/model.pt")
+    assert deploy["precision"] == "int8" and deploy["device"] == "cpu"
+    assert deploy["compare_to"].endswith("03_distill/model.pt"), "its float parent"
     ops = graph_ops(int8)
     assert "quantized_decomposed.quantize_per_tensor.default" in ops
     assert "quantized_decomposed.dequantize_per_channel.default" in ops  # per-channel weights
-    float_model, _ = load_model(tmp_path / "01_train" / "model.pt")
-    data = validate(compose_cfg(TINY)).dataset.load(seed=0)
+    float_model, _ = load_model(run_dir / "03_distill" / "model.pt")
+    data = validate(compose_cfg(["+experiment=smoke"])).dataset.load(seed=0)
     x = images(data)
     with torch.no_grad():
         ref, out = float_model.eval()(x), int8(x)
@@ -85,7 +86,7 @@ def test_ptq_pipeline_fuses_int8_and_round_trips(tmp_path):
                     str(tmp_path / "y.pt")], check=True, timeout=120)
     assert torch.equal(torch.load(tmp_path / "y.pt"), out)
 
-    bench = json.loads((tmp_path / "05_benchmark" / "metrics.json").read_text())["models"]
+    bench = json.loads((run_dir / "05_benchmark" / "metrics.json").read_text())["models"]
     q = next(b for b in bench if b["stage"] == "quantize")
     assert q["kernels_found"] and q["weight_bytes"] == m["weight_bytes"]
     points = q["vs_reference"]["points"]

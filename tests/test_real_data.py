@@ -26,6 +26,7 @@ def cifar_root() -> Path:
     return root
 
 
+@pytest.mark.slow  # ~3 min; the fast suite covers decoding this tree (test_data) and training
 def test_short_training_on_real_cifar10_beats_stated_accuracy(cifar_root, tmp_path):
     # 4,000 training images (8%), 4 epochs: well past the 10% of chance, in about a minute.
     cfg = compose_cfg(["dataset=cifar10", f"dataset.root={cifar_root}", "hardware=cpu",
