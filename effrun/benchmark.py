@@ -135,9 +135,14 @@ def deploy_model(model: nn.Module, deploy: Deployment, hw: Hardware) -> Deployed
     model = model.to(hw.torch_device) if deploy.native else hw.prepare(model)
     model.eval()
     eager = Inference(model, hw, autocast=not deploy.native)
+    if deploy.compile_options is not None:
+        # Deployed compiled only (int8: eager runs reference q/dq kernels no user deploys), so
+        # only the compiled form is timed and judged.
+        return Deployed(deploy, hw, eager,
+                        {"compiled": Compiled(eager, deploy.compile_options, dynamic=False)})
     variants: dict[str, nn.Module] = {"eager": eager}
-    if hw.compile or deploy.compile_options is not None:
-        variants["compiled"] = Compiled(eager, deploy.compile_options or {}, dynamic=False)
+    if hw.compile:
+        variants["compiled"] = Compiled(eager, {}, dynamic=False)
     return Deployed(deploy, hw, eager, variants)
 
 
@@ -228,14 +233,14 @@ def measure(target: Deployed, mode: str, example: torch.Tensor, config) -> dict:
 
 
 def peak_memory(target: Deployed, data, config) -> int | None:
-    """Peak memory of one eager forward at the largest benchmarked batch."""
+    """Peak memory of one forward, as deployed, at the largest benchmarked batch."""
     hw = target.hw
     example = torch.randn(max(config.run.benchmark.batch_sizes), 3, *data.image_size,
                           device=hw.torch_device)
     if not target.deploy.native:
         example = example.contiguous(memory_format=hw.memory_format)
     with torch.inference_mode():
-        return peak_memory_bytes(lambda: target.eager(example), device=hw.torch_device)
+        return peak_memory_bytes(lambda: target.scored(example), device=hw.torch_device)
 
 
 def log_point(mode: str, threads: int, bs: int, m: dict) -> None:

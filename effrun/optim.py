@@ -153,9 +153,10 @@ class SGD(OptimizerBase):
 
 @dataclass
 class AdamW(OptimizerBase):
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.05
     schedule: str = "cosine"
+    warmup_epochs: float = 0.3  # Adam's step sizes adapt: a short warm-up suffices
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8

@@ -61,8 +61,8 @@ def config_dir() -> str:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 8
-    batch_size: int = 128
+    epochs: int = 4
+    batch_size: int = 64
     eval_batch_size: int = 500
     label_smoothing: float = 0.0
     ema_decay: Optional[float] = None  # e.g. 0.999; evaluation and artifact use the EMA weights
@@ -115,7 +115,7 @@ class BenchmarkConfig:
 @dataclass
 class RunConfig:
     name: str = "default"
-    stages: list[str] = field(default_factory=lambda: ["train", "benchmark"])
+    stages: list[str] = field(default_factory=lambda: list(STAGE_ORDER))
     seed: int = 0
     init_from: Optional[str] = None  # a model artifact (.pt) to start from instead of random init
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 
@@ -44,7 +45,8 @@ def test_group_option_validates(group, option):
     (["model.depth=21"], "6n+2"),
     (["train.epochs=-1"], "train.epochs"),
     (["stages=[train,bogus]"], "unknown stage 'bogus'"),
-    (["stages=[prune,benchmark]"], "compression/prune"),
+    (["~compression/prune"], "compression/prune"),
+    (["stages=[prune,benchmark]"], "init_from"),
     (["optimizer.schedule=wavy"], "optimizer.schedule"),
     (["hardware.precision=fp8"], "hardware.precision"),
     (["benchmark.batch_sizes=[]"], "benchmark.batch_sizes"),
@@ -151,6 +153,13 @@ CHANGED_BY_ISSUE_9 = {
     "cifar10_airbench": {"optimizer.lr": "11.5 per 1024 examples (was 1.5 per step)",
                          "optimizer.weight_decay": "0.0153 per 1024 examples",
                          "model.head_scale": "1/9 exactly (was 0.111111111)"},
+    # The first run is the whole study (see README): every key below is new or changed.
+    "default": {"stages": "", "train.epochs": "", "train.batch_size": "", "optimizer.*": "",
+                "dataset.num_train": "", "dataset.confusion": "", "compression.*": ""},
+    # smoke is the first run's study on tiny learnable data: it follows the new defaults.
+    "smoke": {"dataset.confusion": "", "compression.distill.alpha": "",
+              "compression.distill.lr": "", "compression.distill.student": "",
+              "compression.prune.lr": "", "compression.prune.target_macs_ratio": ""},
 }
 
 
@@ -176,7 +185,8 @@ def test_presets_resolve_as_before_except_where_issue_9_changed_them(name, monke
     allowed = {**CHANGED_BY_ISSUE_9["*"], **CHANGED_BY_ISSUE_9.get(name, {})}
     changed = {k for k in old_flat.keys() | new_flat.keys() if old_flat.get(k, "<absent>")
                != new_flat.get(k, "<absent>")}
-    assert changed <= set(allowed), sorted(changed - set(allowed))
+    unexpected = {k for k in changed if not any(fnmatch.fnmatch(k, a) for a in allowed)}
+    assert not unexpected, sorted(unexpected)
 
 
 def test_airbench_units_give_the_old_per_step_values():

@@ -21,7 +21,8 @@ from effrun.schema import ConfigError, validate
 
 # Teacher: ResNet-20 at width 8; student option resnet20 (width 16). 16x16 synthetic images.
 TINY = ["+experiment=smoke", "dataset.num_train=128", "dataset.num_test=64",
-        "dataset.image_size=16", "model.width=8", "train.batch_size=32", "train.epochs=1"]
+        "dataset.image_size=16", "model.width=8", "train.batch_size=32", "train.epochs=1",
+        "compression.distill.student=resnet20"]
 
 
 def make_ctx(tmp_path, method: str, overrides=()):

@@ -120,5 +120,6 @@ def test_nan_loss_stops_with_clear_message_in_a_run_dir_under_cwd(tmp_path):
 
 
 def test_validate_accepts_default_config():
-    r = validate(compose_cfg())
-    assert r.run.stages == ["train", "benchmark"] and r.run.name == "default"
+    config = validate(compose_cfg())
+    assert config.run.stages == ["train", "prune", "distill", "quantize", "benchmark"]
+    assert config.run.name == "default"

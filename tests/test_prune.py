@@ -135,7 +135,8 @@ def test_channel_prune_meets_macs_budget_and_reloads(tmp_path, depth, importance
 
 def test_channel_ratio_mode_round_to_and_ignore(tmp_path):
     ctx, method, model = make_ctx(tmp_path, "channel", [
-        "compression.prune.ratio=0.5", "compression.prune.round_to=4",
+        "compression.prune.target_macs_ratio=null", "compression.prune.ratio=0.5",
+        "compression.prune.round_to=4",
         "compression.prune.ignore=[layer2.1.conv1]", "compression.prune.finetune_epochs=0"])
     result = method(model, ctx)
     widths = result.artifact_meta["pruned_widths"]

@@ -24,16 +24,22 @@ class SyntheticData(DatasetBase):
     information), flips it horizontally half the time (so flip augmentation preserves the
     label), fades it under a smooth random envelope, and adds a class-independent smooth
     distractor pattern, contrast/brightness/colour jitter and per-pixel Gaussian `noise`
-    (0..1 pixel units). Calibrated at the defaults (seed 0): a linear model on pixels gets ~22%
-    test accuracy, mean colour alone ~29%, and a ResNet-20 (SGD one-cycle, batch 128, crop+flip)
-    ~91% after 5 epochs, with train loss still ~1.1 after epoch 3 of 5.
+    (0..1 pixel units). A share `confusion` of samples shows another (random) class's motif and
+    tint under its own label: irreducible error, so top-1 stays below ~1 - confusion * (K-1)/K.
+    Calibrated at the defaults (seed 0, confusion 0): a linear model on pixels gets ~22% test
+    accuracy, mean colour alone ~29%; a ResNet-20 (SGD one-cycle, batch 128, crop+flip) reaches
+    95% after epoch 2 and 99.9% after 3 epochs. With num_train=2000, confusion=0.15 (ceiling
+    86.5%), AdamW 3e-3 batch 64, 4 epochs: 74.7% (bf16) / 76.1% (fp32).
     """
 
     num_classes: int = 10
-    num_train: int = 5000
+    num_train: int = 2048
     num_test: int = 1000
     image_size: int = 32
-    noise: float = 0.12
+    noise: float = 0.12  # per-pixel Gaussian noise, 0..1 pixel units
+    # Share of samples showing another class's motif (irreducible error: caps top-1 near
+    # 1 - 0.9 x this); 0.15 keeps effrun's first run from learning its data perfectly.
+    confusion: float = 0.15
 
     def validate(self) -> None:
         super().validate()
@@ -50,6 +56,8 @@ class SyntheticData(DatasetBase):
             raise ValueError(f"dataset.image_size must be >= 8, got {self.image_size}")
         if self.noise < 0:
             raise ValueError(f"dataset.noise must be >= 0, got {self.noise}")
+        if not 0.0 <= self.confusion < 1.0:
+            raise ValueError(f"dataset.confusion must be in [0, 1), got {self.confusion}")
 
     def _load_full(self, seed: int) -> DataSplits:
         proto_gen = _generator(seed, _PROTOTYPE_STREAM)
@@ -82,10 +90,7 @@ class SyntheticData(DatasetBase):
         dx = torch.randint(0, period, (count, 1), generator=generator)
         rows = ((dy + torch.arange(size)) % period)[:, None, :, None]
         cols = ((dx + torch.arange(size)) % period)[:, None, None, :]
-        channels = torch.arange(3)[None, :, None, None]
-        signal = motifs[labels[:, None, None, None], channels, rows, cols]
         flip = torch.rand(count, generator=generator) < 0.5
-        signal = torch.where(flip[:, None, None, None], signal.flip(-1), signal)
 
         # A smooth random envelope fades the motif in parts of the image.
         envelope = (0.75 + 0.5 * _smooth_patterns(count, size, generator)).clamp(0.0, 1.5)
@@ -95,11 +100,22 @@ class SyntheticData(DatasetBase):
         colour_jitter = 0.05 * torch.randn(count, 3, 1, 1, generator=generator)
         pixel_noise = self.noise * torch.randn(count, 3, size, size, generator=generator)
 
+        # Irreducible error: a share `confusion` of samples shows another class's motif and tint
+        # (drawn last, so confusion=0 gives the same images as before the knob existed).
+        shown = labels
+        if self.confusion > 0:
+            swap = torch.rand(count, generator=generator) < self.confusion
+            other = torch.randint(1, self.num_classes, (count,), generator=generator)
+            shown = torch.where(swap, (labels + other) % self.num_classes, labels)
+        channels = torch.arange(3)[None, :, None, None]
+        signal = motifs[shown[:, None, None, None], channels, rows, cols]
+        signal = torch.where(flip[:, None, None, None], signal.flip(-1), signal)
+
         image = (
             0.5
             + 0.15 * contrast * envelope * signal
             + 0.12 * distractor
-            + tints[labels]
+            + tints[shown]
             + brightness
             + colour_jitter
             + pixel_noise
