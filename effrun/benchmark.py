@@ -172,8 +172,8 @@ def expected_kernels(target: Deployed, data, config, flags: list[str]) -> list[s
     pattern = target.deploy.expected_kernels
     if "compiled" not in target.variants or not pattern:
         return None
-    hw, train = target.hw, config.run.train
-    shape = (min(train.eval_batch_size, len(data.test_y)), 3, *data.image_size)
+    hw = target.hw
+    shape = (score_batch(target, data, config), 3, *data.image_size)
     example = torch.randn(shape, device=hw.torch_device)
     found = sorted(compile_and_list_kernels(target.variants["compiled"], example))
     if not found:
@@ -182,11 +182,20 @@ def expected_kernels(target: Deployed, data, config, flags: list[str]) -> list[s
     return found
 
 
+def score_batch(target: Deployed, data, config) -> int:
+    """The evaluation batch: a model that must be compiled is scored at the largest benchmarked
+    batch (short last batch padded), so scoring and timing share one compiled graph."""
+    if target.deploy.compile_options is not None:
+        return max(config.run.benchmark.batch_sizes)
+    return min(config.run.train.eval_batch_size, len(data.test_y))
+
+
 def score(target: Deployed, data, config) -> float:
     """Top-1 on the test split, as deployed (see `Deployed.scored`)."""
-    hw, train = target.hw, config.run.train
-    result = evaluate(target.scored, data.test_x, data.test_y, data, eval_hardware(target, hw),
-                      batch_size=train.eval_batch_size, tta=train.tta)
+    result = evaluate(target.scored, data.test_x, data.test_y, data,
+                      eval_hardware(target, target.hw), tta=config.run.train.tta,
+                      batch_size=score_batch(target, data, config),
+                      pad_last=target.deploy.compile_options is not None)
     return result["accuracy"]
 
 

@@ -4,10 +4,16 @@ quantize stage, the benchmark and the scripts alike."""
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+# Inductor's x86 int8 lowering (torch 2.14) warns about its own torch.tensor(tensor) call on
+# every compile; it is torch-internal and says nothing about the user's model.
+warnings.filterwarnings("ignore", message="To copy construct from a tensor",
+                        category=UserWarning, module=r"torch\._inductor\.mkldnn_lowerings")
 
 # Fused oneDNN int8 kernels as named in Inductor's generated code (Python or C++ wrapper).
 FUSED_INT8_OP = re.compile(r"(?:onednn\.|aoti_torch_cpu__)(q(?:conv|linear)\w*)")

@@ -39,9 +39,14 @@ def tta_weights(mode: str) -> list[float]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: DataSplits, hw: Hardware,
-             *, batch_size: int = 500, tta: str = "none") -> dict[str, float]:
+             *, batch_size: int = 500, tta: str = "none", pad_last: bool = False
+             ) -> dict[str, float]:
     """Top-1 accuracy (0..1) and mean cross-entropy of `model` on uint8 images `x`; with
-    hardware.compile the forward is compiled too (eval mode and no_grad make it its own graph)."""
+    hardware.compile the forward is compiled too (eval mode and no_grad make it its own graph).
+
+    `pad_last` pads a short last batch to `batch_size` (its extra outputs are dropped): a model
+    compiled for one static batch shape then runs without compiling again for the remainder.
+    """
     was_training = model.training
     model.eval()
     forward = hw.maybe_compile(model)
@@ -51,9 +56,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: DataSplit
     loss_sum = torch.zeros((), device=hw.torch_device)
     weights = tta_weights(tta)
     for inputs, labels in loader:
+        count = len(labels)
+        if pad_last and count < batch_size:
+            inputs = torch.cat([inputs, inputs.new_zeros(batch_size - count, *inputs.shape[1:])])
         views = tta_views(inputs, tta)
         with hw.autocast():
             logits = sum(w * forward(v).float() for w, v in zip(weights, views, strict=True))
+        logits = logits[:count]
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
     model.train(was_training)

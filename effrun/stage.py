@@ -168,10 +168,11 @@ class StageInputs:
 
     def evaluate(self, model: nn.Module, split: str = "test", *, tta: str | None = None,
                  limit: int | None = None, hw: Hardware | None = None,
-                 batch_size: int | None = None) -> dict:
+                 batch_size: int | None = None, pad_last: bool = False) -> dict:
         """Accuracy and loss of `model` on a split ("test" or "val"), with the run's TTA unless
         `tta` is given; `limit` scores the first images only; `hw` replaces the run's hardware
-        (e.g. plain fp32 CPU for int8 graphs)."""
+        (e.g. plain fp32 CPU for int8 graphs); `pad_last` keeps every batch one shape (for a
+        model compiled for a static shape)."""
         x, y = (self.data.test_x, self.data.test_y) if split == "test" else (
             self.data.val_x, self.data.val_y)
         if x is None:
@@ -181,7 +182,7 @@ class StageInputs:
         hw = hw or self.hw
         return evaluate(hw.prepare(model), x, y, self.data, hw,
                         batch_size=batch_size or self.train.eval_batch_size,
-                        tta=self.train.tta if tta is None else tta)
+                        tta=self.train.tta if tta is None else tta, pad_last=pad_last)
 
 
 def stage_inputs(config, stage: str, stage_dir: Path, data: DataSplits, *,

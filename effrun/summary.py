@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Console
 from rich.table import Table
 
@@ -23,22 +25,41 @@ def summarize(records, bench: list[dict] | None) -> list[dict]:
                # Zero-weight share of the pruned layers (magnitude / N:M pruning), measured from
                # the saved weights, and the stage's caveat (e.g. "no speed-up from zeros").
                "sparsity": rec.metrics.get("sparsity"), "note": rec.metrics.get("note")}
-        lat = b.get("latency") or []
-        if lat:
-            threads = lat[0]["threads"]
-            # The headline figure is the compiled one when it was measured, else eager.
-            mode = "compiled" if any(x["mode"] == "compiled" for x in lat) else "eager"
-            for m in ("eager", "compiled") if mode == "compiled" else ("eager",):
-                pts = {x["batch_size"]: x for x in lat if x["threads"] == threads
-                       and x["mode"] == m}
-                bs_max = max(pts)
-                suffix = "" if m == mode else "_eager"
-                row[f"latency_ms_p50_bs1{suffix}"] = pts[1]["latency_ms_p50"] if 1 in pts else None
-                row[f"latency_ms_p50_bs_max{suffix}"] = pts[bs_max]["latency_ms_p50"]
-                row[f"throughput_ips{suffix}"] = pts[bs_max]["throughput_ips"]
-                row["bs_max"], row["threads"], row["latency_mode"] = bs_max, threads, mode
+        row.update(latency_fields(b.get("latency") or []))
+        if b.get("vs_reference"):
+            row["vs_reference"] = reference_ratios(b["vs_reference"], row.get("threads"))
         rows.append(row)
     return rows
+
+
+def reference_ratios(vs: dict, threads: int | None) -> dict:
+    """{"artifact", "mode", "ratios": {batch: latency / reference latency}} at the row's thread
+    count, for the deployed (first-listed) mode."""
+    points = [p for p in vs["points"] if p["threads"] == threads]
+    mode = points[0]["mode"] if points else None
+    return {"artifact": vs["artifact"], "mode": mode,
+            "ratios": {p["batch_size"]: p["ratio"] for p in points if p["mode"] == mode}}
+
+
+def latency_fields(points: list[dict]) -> dict:
+    """The row's latency figures at the first thread count: the compiled ones when they were
+    measured (else eager) as the headline, and the eager ones beside them as `*_eager`."""
+    if not points:
+        return {}
+    threads = points[0]["threads"]
+    modes = [m for m in ("compiled", "eager") if any(p["mode"] == m for p in points)]
+    out: dict = {"threads": threads, "latency_mode": modes[0]}
+    for mode in modes:
+        by_batch = {p["batch_size"]: p for p in points
+                    if p["threads"] == threads and p["mode"] == mode}
+        bs_max = max(by_batch)
+        suffix = "" if mode == modes[0] else "_eager"
+        out[f"latency_ms_p50_bs1{suffix}"] = (by_batch[1]["latency_ms_p50"] if 1 in by_batch
+                                              else None)
+        out[f"latency_ms_p50_bs_max{suffix}"] = by_batch[bs_max]["latency_ms_p50"]
+        out[f"throughput_ips{suffix}"] = by_batch[bs_max]["throughput_ips"]
+        out["bs_max"] = bs_max
+    return out
 
 
 HEADLINE = ("stage", "accuracy", "weight_bytes", "file_bytes", "latency_ms_p50_bs1",
@@ -71,19 +92,26 @@ def print_summary(rows: list[dict], title: str = "effrun summary") -> None:
     bs_max = next((r["bs_max"] for r in rows if r.get("bs_max")), None)
     cols = [("stage", "stage", "str"), ("accuracy", "top-1", "pct"), ("params", "params", "count"),
             ("flops", "FLOPs", "count"), ("weight_bytes", "weights", "bytes"),
-            ("file_bytes", "file", "bytes"),
-            ("latency_ms_p50_bs1", "p50 ms (bs 1)", "ms"),
-            ("latency_ms_p50_bs_max", f"p50 ms (bs {bs_max or 'max'})", "ms"),
-            ("throughput_ips", "img/s", "int")]
+            ("file_bytes", "file", "bytes"), ("latency_mode", "run as", "str"),
+            ("latency_ms_p50_bs1", "ms bs 1", "ms"),
+            ("latency_ms_p50_bs_max", f"ms bs {bs_max or 'max'}", "ms"),
+            ("throughput_ips", f"img/s bs {bs_max or 'max'}", "int")]
     if any(r.get("sparsity") is not None for r in rows):
         cols.insert(2, ("sparsity", "sparsity", "pct"))
     for _, header, kind in cols:
         table.add_column(header, justify="left" if kind == "str" else "right")
     for r in rows:
-        table.add_row(*[str(r[k]) if kind == "str" else _fmt(r.get(k), kind)
+        table.add_row(*[str(r.get(k) or "–") if kind == "str" else _fmt(r.get(k), kind)
                         for k, _, kind in cols])
     console = Console()
+    if not console.is_terminal:  # a log or a pipe: rich would wrap the table at 80 columns
+        console = Console(width=120)
     console.print(table)
     for r in rows:
         if r.get("note"):
             console.print(f"{r['stage']}: {r['note']}")
+        vs = r.get("vs_reference")
+        if vs and vs["ratios"]:
+            ratios = ", ".join(f"batch {bs}: {ratio:.2f}" for bs, ratio in vs["ratios"].items())
+            console.print(f"{r['stage']}: latency / its parent's, both {vs['mode']} "
+                          f"({Path(vs['artifact']).parent.name}): {ratios}")

@@ -85,7 +85,8 @@ class Int8Method:
         if not kernels:
             log.warning("quantize: Inductor generated no fused int8 kernel: this model will "
                         "run its int8 graph as reference q/dq ops, slower than float")
-        acc = inputs.evaluate(compiled, hw=plain_cpu(), batch_size=EVAL_BATCH)["accuracy"]
+        acc = inputs.evaluate(compiled, hw=plain_cpu(), batch_size=eval_shape[0],
+                              pad_last=True)["accuracy"]
         figures.weight_bytes = graph_bytes(int8.gm)
         log.info("quantize: int8 top-1 %.4f (float %.4f), %d -> %d bytes, kernels %s", acc,
                  float_acc, float_size, figures.weight_bytes, kernels)
