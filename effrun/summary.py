@@ -38,7 +38,8 @@ def reference_ratios(vs: dict, threads: int | None) -> dict:
     points = [p for p in vs["points"] if p["threads"] == threads]
     mode = points[0]["mode"] if points else None
     return {"artifact": vs["artifact"], "mode": mode,
-            "ratios": {p["batch_size"]: p["ratio"] for p in points if p["mode"] == mode}}
+            # Keys as strings: what summary.json gives back (JSON object keys are strings).
+            "ratios": {str(p["batch_size"]): p["ratio"] for p in points if p["mode"] == mode}}
 
 
 def latency_fields(points: list[dict]) -> dict:
