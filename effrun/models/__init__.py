@@ -17,6 +17,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from effrun.errors import EffrunError
 from effrun.models.airbench import Airbench
 from effrun.models.cifar_resnet import CifarResNet, ResNet18Cifar
 from effrun.models.mobilenetv2 import MobileNetV2Cifar
@@ -57,10 +58,10 @@ def build_model(config: Mapping | Any, num_classes: int, in_channels: int = 3) -
     if isinstance(config, Mapping):
         options = dict(config)
         if "_target_" not in options:
-            raise ValueError(f"model config has no '_target_' key: {options}")
+            raise EffrunError(f"model config has no '_target_' key: {options}")
         cls = get_class(options.pop("_target_"))
         if not dataclasses.is_dataclass(cls):
-            raise ValueError(f"model _target_ {cls!r} is not a model config dataclass")
+            raise EffrunError(f"model _target_ {cls!r} is not a model config dataclass")
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:

@@ -25,6 +25,7 @@ from torch import nn
 from effrun import artifacts
 from effrun.compile import fused_int8_kernels
 from effrun.compression.quantize.common import COMPILE_OPTIONS, Int8Model, export_program
+from effrun.errors import EffrunError
 from effrun.stage import Deployment
 
 log = logging.getLogger("effrun")
@@ -87,7 +88,7 @@ def load_int8(path: Path) -> tuple[nn.Module, dict]:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model artifact not found: {path}")
+        raise EffrunError(f"model artifact not found: {path}")
     if is_aoti_package(path):
         sibling = path.with_name("model.pt2")
         meta = load_int8(sibling)[1] if sibling.is_file() and sibling != path else _no_meta()
@@ -99,7 +100,7 @@ def load_int8(path: Path) -> tuple[nn.Module, dict]:
     try:
         ep = torch.export.load(path, extra_files=extra)
     except Exception as e:
-        raise ValueError(f"cannot load {path} as a torch.export program: "
+        raise EffrunError(f"cannot load {path} as a torch.export program: "
                          f"{str(e).strip().splitlines()[0]}") from None
     # Archives written before the stage contract keep the deploy keys at the top level;
     # Deployment.from_meta reads both layouts.
