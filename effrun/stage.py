@@ -53,6 +53,7 @@ from effrun.errors import EffrunError
 from effrun.evaluate import evaluate
 from effrun.hardware import Hardware
 from effrun.measure import ModelFigures
+from effrun.models import model_config_dict
 from effrun.schema import TrainConfig
 from effrun.train import LossFn, StepHook, fit
 
@@ -189,8 +190,6 @@ def stage_inputs(config, stage: str, stage_dir: Path, data: DataSplits, *,
                  parent: ModelRecord | None = None, fingerprint: str = "") -> StageInputs:
     """The inputs of `stage` under a validated config (`effrun.schema.EffrunConfig`); the one
     place they are built: the pipeline, the tests and the scripts all call this."""
-    from effrun.models import model_config_dict
-
     return StageInputs(stage=stage, stage_dir=Path(stage_dir), data=data, hw=config.hardware,
                        train=config.run.train, optimizer=config.optimizer,
                        augmentation=config.augmentation, seed=config.run.seed,
