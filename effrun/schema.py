@@ -118,6 +118,10 @@ class RunConfig:
     stages: list[str] = field(default_factory=lambda: list(STAGE_ORDER))
     seed: int = 0
     init_from: Optional[str] = None  # a model artifact (.pt) to start from instead of random init
+    # Artifacts effrun did not write in this run dir (init_from, a distillation teacher) are
+    # scanned and any code in them refused; true loads them as they are (an AOTInductor
+    # package runs a shared library from inside the file).
+    trust_artifact: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
