@@ -149,7 +149,8 @@ def test_experiments_extend_not_copy():
 CHANGED_BY_ISSUE_9 = {
     "*": {"optimizer.units": "new key (torch units unless a preset says otherwise)",
           "train.lookahead_decay": "now per step: 0.95 (was 0.95**5 per 5-step update)",
-          "dataset.cache_dir": "removed from synthetic data, which reads no cache"},
+          "dataset.cache_dir": "removed from synthetic data, which reads no cache",
+          "trust_artifact": "new key (issue 10): load artifacts from elsewhere as they are"},
     "cifar10_airbench": {"optimizer.lr": "11.5 per 1024 examples (was 1.5 per step)",
                          "optimizer.weight_decay": "0.0153 per 1024 examples",
                          "model.head_scale": "1/9 exactly (was 0.111111111)"},
