@@ -5,6 +5,7 @@ Writes are atomic (temp file + rename) so an interrupted run never leaves a torn
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
 import json
@@ -50,8 +51,10 @@ def atomic_path(path: Path, suffix: str = ".tmp"):
 
 
 def torch_save(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        # Through a file object: torch.save names the archive's root folder after a path's
+        # file name (here a random temp name), so equal contents would hash differently.
+        torch.save(obj, handle)
 
 
 def write_json(obj: Any, path: Path) -> None:
@@ -61,6 +64,15 @@ def write_json(obj: Any, path: Path) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB blocks (artifacts can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _json_default(o: Any) -> Any:
@@ -144,26 +156,34 @@ LOADER_MODULES = {".pt2": "effrun.compression.quantize"}
 
 
 def _loader(path: Path):
+    """The registered loader of a non-.pt artifact, called as `loader(path, trusted=...)`."""
     if path.suffix not in ARTIFACT_LOADERS and path.suffix in LOADER_MODULES:
         importlib.import_module(LOADER_MODULES[path.suffix])
     return ARTIFACT_LOADERS.get(path.suffix)
 
 
-def read_meta(path: Path) -> dict:
-    """An artifact's metadata (stage, model_config, num_classes, ...), whatever its format."""
+def read_meta(path: Path, *, trusted: bool = False) -> dict:
+    """An artifact's metadata (stage, model_config, num_classes, ...), whatever its format.
+    `trusted` as in load_model."""
     path = Path(path)
     loader = _loader(path)
-    return loader(path)[1] if loader is not None else read_model_file(path)
+    return loader(path, trusted=trusted)[1] if loader is not None else read_model_file(path)
 
 
-def load_model(path: Path) -> tuple[nn.Module, dict]:
-    """Rebuild a model from an artifact; returns (model in eval mode, artifact metadata)."""
+def load_model(path: Path, *, trusted: bool = False) -> tuple[nn.Module, dict]:
+    """Rebuild a model from an artifact; returns (model in eval mode, artifact metadata).
+
+    `trusted`: True for an artifact effrun wrote in this run dir, or one the user trusts
+    (`trust_artifact=true`). Otherwise a format that can hold code (a .pt2 archive: pickles,
+    an AOTInductor shared library) is scanned before loading and refused in one line if it
+    would run any (effrun.untrusted). effrun's .pt loads with torch.load(weights_only=True),
+    which runs nothing, either way."""
     from effrun.models import build_model, load_state_into
 
     path = Path(path)
     loader = _loader(path)
     if loader is not None:
-        return loader(path)
+        return loader(path, trusted=trusted)
     blob = read_model_file(path)
     model = build_model(blob["model_config"], num_classes=blob["num_classes"])
     load_state_into(model, blob["state_dict"])

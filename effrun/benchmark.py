@@ -78,7 +78,8 @@ def benchmark_models(records, data, config) -> list[dict]:
     results = []
     for rec in records:
         log.info("benchmark: %s (%s)", rec.stage, rec.artifact)
-        model, meta = load_model(rec.artifact)
+        model, meta = load_model(rec.artifact, trusted=config.run.trust_artifact
+                                 or not rec.stage.startswith("init:"))  # init_from: scanned
         results.append(benchmark_one(model, meta, rec, data, config))
     return results
 
@@ -154,7 +155,7 @@ def load_reference(deploy: Deployment, hw: Hardware) -> Deployed | None:
     if not Path(path).exists():
         log.warning("benchmark: reference artifact %s is gone; no comparison", path)
         return None
-    ref_model, ref_meta = load_model(Path(path))
+    ref_model, ref_meta = load_model(Path(path))  # named by the artifact's metadata: scanned
     ref_deploy = dataclasses.replace(Deployment.from_meta(ref_meta),
                                      compile_options=deploy.compile_options)
     return deploy_model(ref_model, ref_deploy, hw)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,17 +50,19 @@ def _main(cfg: DictConfig) -> dict | None:
     from effrun import pipeline
     from effrun.summary import headline
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        return headline(pipeline.run(cfg, run_dir))
+        return headline(pipeline.run(cfg, run_dir, list(hydra_cfg.overrides.task)))
     except (ConfigError, EffrunError) as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         report_failure(run_dir, e)
         return None
-    except KeyboardInterrupt:
-        print(f"\neffrun: interrupted. Resume with: effrun <same overrides> "
-              f"hydra.run.dir={run_dir}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        what = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+        print(f"\neffrun: {what}; the last finished epoch is checkpointed. Resume with: effrun "
+              f"<same overrides> hydra.run.dir={run_dir}", file=sys.stderr)
         raise
 
 
@@ -79,10 +82,28 @@ def report_failure(run_dir: Path, error: Exception) -> None:
         pass
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM and Kubernetes send before a kill), handled like Ctrl-C."""
+
+
+def on_signal(signum: int, _frame) -> None:
+    """First SIGINT/SIGTERM: stop like Ctrl-C (checkpoint kept, resume hint, exit 130/143);
+    a second one while stopping: exit at once."""
+    if getattr(on_signal, "received", False):
+        os._exit(128 + signum)
+    on_signal.received = True
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
 def main() -> None:
     FAILURES.clear()
+    on_signal.received = False
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
     try:
         _main()
+    except Terminated:
+        sys.exit(143)
     except KeyboardInterrupt:
         sys.exit(130)
     if not FAILURES:

@@ -16,3 +16,8 @@ class ConfigError(Exception):
 
 class EffrunError(Exception):
     """A run-time problem the user can fix (data, checkpoints, diverged training), one line."""
+
+
+class TrainingDiverged(EffrunError):
+    """The loss, or a weight or statistic, became NaN or inf; the user fixes it with a lower lr
+    or higher precision."""

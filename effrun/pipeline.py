@@ -2,9 +2,10 @@
 
 Each model-producing stage is `result = method(model, inputs)` (the contract: effrun/stage.py);
 the pipeline writes <run_dir>/<NN>_<stage>/ from the result: the model artifact, metrics.json
-and stage.json. A stage whose stage.json says it finished with the same config is not run
-again, so rerunning a run dir resumes it; training itself resumes from its last per-epoch
-checkpoint.
+and stage.json. A stage whose stage.json says it finished with the same config, with its
+outputs there unchanged (effrun/records.py), is not run again, so rerunning a run dir resumes
+it; training itself resumes from its last per-epoch checkpoint (effrun/checkpoint.py). The run
+dir is locked and its records written only once the run is accepted (effrun/run_dir.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from effrun import artifacts
+from effrun import artifacts, records
+from effrun import run_dir as run_dir_guard
 from effrun.benchmark import benchmark_models
 from effrun.data import BatchLoader, DataSplits, sample_indices
 from effrun.errors import EffrunError
@@ -33,11 +35,21 @@ log = logging.getLogger("effrun")
 DATA_INIT_IMAGES = 5000
 
 
-def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
-    """Run every stage of a composed config in `run_dir`; returns the summary records."""
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> list[dict]:
+    """Run every stage of a composed config in `run_dir`; returns the summary records.
+
+    Nothing in the run dir changes until the run is accepted: the config is valid, the run
+    dir's lock is ours and no finished stage there was made with another config.
+    """
     config = validate(cfg)
     run_dir = Path(run_dir)
-    artifacts.write_json(OmegaConf.to_container(cfg, resolve=True), run_dir / "config.json")
+    with run_dir_guard.locked(run_dir):
+        refuse_changed_stages(config, run_dir)
+        run_dir_guard.write_records(cfg, run_dir, overrides)
+        return run_stages(config, run_dir)
+
+
+def run_stages(config: EffrunConfig, run_dir: Path) -> list[dict]:
     hw = config.hardware
     hw.setup(config.run.seed)
     log.info("run dir %s | stages %s | device %s", run_dir, config.run.stages, hw.torch_device)
@@ -47,21 +59,44 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
              "x".join(map(str, data.image_size)), data.num_classes)
 
     parent = initial_record(config) if config.run.init_from else None
-    records: list[ModelRecord] = []
+    produced: list[ModelRecord] = []
     for stage in config.run.stages:
         if stage == "benchmark":
             continue
         parent = run_model_stage(config, stage, run_dir, data, parent)
-        records.append(parent)
+        produced.append(parent)
 
     bench = None
     if "benchmark" in config.run.stages:
-        bench = run_benchmark_stage(config, run_dir, data, records or [parent])
-    summary = summarize(records or [parent], bench)
+        bench = run_benchmark_stage(config, run_dir, data, produced or [parent])
+    summary = summarize(produced or [parent], bench)
     artifacts.write_json({"name": config.run.name, "run_dir": str(run_dir), "records": summary,
                           "headline": headline(summary)}, run_dir / "summary.json")
     print_summary(summary, title=f"effrun · {config.run.name} · {run_dir}")
     return summary
+
+
+def refuse_changed_stages(config: EffrunConfig, run_dir: Path) -> None:
+    """Before anything is written: a finished model stage in this run dir whose config differs
+    from this run's is refused (one line), as the stage itself would refuse it mid-run."""
+    parent_fp = init_fingerprint(config) if config.run.init_from else None
+    for stage in config.run.stages:
+        if stage == "benchmark":
+            continue
+        fp = fingerprint({"stage": stage_config(config, stage), "parent": parent_fp})
+        info_path = stage_dir_for(run_dir, stage) / "stage.json"
+        try:
+            finished = artifacts.read_json(info_path).get("fingerprint")
+        except (OSError, ValueError):  # absent or unreadable: the stage runs (again)
+            finished = None
+        if finished not in (None, fp):
+            raise EffrunError(f"{info_path.parent} holds a finished {stage!r} stage made with a "
+                              f"different config: use a new hydra.run.dir")
+        parent_fp = fp
+
+
+def init_fingerprint(config: EffrunConfig) -> str:
+    return fingerprint({"init_from": str(config.run.init_from)})
 
 
 def stage_dir_for(run_dir: Path, stage: str) -> Path:
@@ -86,24 +121,10 @@ def fingerprint(obj: dict) -> str:
 
 
 def initial_record(config: EffrunConfig) -> ModelRecord:
-    meta = artifacts.read_meta(Path(config.run.init_from))
+    meta = artifacts.read_meta(Path(config.run.init_from), trusted=config.run.trust_artifact)
     return ModelRecord(stage=f"init:{meta['stage']}", artifact=Path(config.run.init_from),
                        model_config=meta["model_config"], num_classes=meta["num_classes"],
-                       fingerprint=fingerprint({"init_from": str(config.run.init_from)}))
-
-
-def finished_record(stage_dir: Path, fp: str) -> ModelRecord | None:
-    """The record of a stage that already finished in this run dir, if its config matches."""
-    info_path = stage_dir / "stage.json"
-    if not info_path.exists():
-        return None
-    info = artifacts.read_json(info_path)
-    if info.get("fingerprint") != fp:
-        raise EffrunError(f"{stage_dir} holds a finished {info.get('stage')!r} stage made with "
-                          f"a different config: use a new hydra.run.dir")
-    return ModelRecord(stage=info["stage"], artifact=stage_dir / info["artifact"],
-                       model_config=info["model_config"], num_classes=info["num_classes"],
-                       fingerprint=fp, metrics=artifacts.read_json(stage_dir / "metrics.json"))
+                       fingerprint=init_fingerprint(config))
 
 
 def run_model_stage(config: EffrunConfig, stage: str, run_dir: Path, data: DataSplits,
@@ -111,7 +132,7 @@ def run_model_stage(config: EffrunConfig, stage: str, run_dir: Path, data: DataS
     sdir = stage_dir_for(run_dir, stage)
     scfg = stage_config(config, stage)
     fp = fingerprint({"stage": scfg, "parent": parent.fingerprint if parent else None})
-    done = finished_record(sdir, fp)
+    done = records.finished_record(sdir, fp)
     if done is not None:
         log.info("%s: already finished in %s, not run again", stage, sdir)
         return done
@@ -138,9 +159,10 @@ def run_model_stage(config: EffrunConfig, stage: str, run_dir: Path, data: DataS
     log.info("%s: test accuracy %.4f, %d params, artifact %s", stage, result.accuracy,
              figures.params, artifact)
     artifacts.write_json(metrics, sdir / "metrics.json")
-    write_stage_json(sdir, stage=stage, fp=fp, scfg=scfg, parent=parent, started=started,
-                     seconds=time.perf_counter() - t0, artifact=artifact.name,
-                     model_config=model_config, num_classes=data.num_classes)
+    records.write_stage_json(sdir, stage=stage, fp=fp, scfg=scfg, parent=parent,
+                             started=started, seconds=time.perf_counter() - t0,
+                             artifact=artifact.name, model_config=model_config,
+                             num_classes=data.num_classes)
     return ModelRecord(stage=stage, artifact=artifact, model_config=model_config,
                        num_classes=data.num_classes, fingerprint=fp, metrics=metrics)
 
@@ -148,7 +170,8 @@ def run_model_stage(config: EffrunConfig, stage: str, run_dir: Path, data: DataS
 def parent_model(config: EffrunConfig, data: DataSplits, parent: ModelRecord | None):
     """The model a stage starts from: the parent's artifact, or a fresh one for training."""
     if parent is not None:
-        return artifacts.load_model(parent.artifact)[0]
+        return artifacts.load_model(parent.artifact, trusted=config.run.trust_artifact
+                                    or not parent.stage.startswith("init:"))[0]
     model = config.model.build(num_classes=data.num_classes)
     init_from_data(model, data, config.run.seed)
     return model
@@ -181,30 +204,18 @@ def init_from_data(model, data: DataSplits, seed: int, count: int = DATA_INIT_IM
 
 
 def run_benchmark_stage(config: EffrunConfig, run_dir: Path, data: DataSplits,
-                        records: list[ModelRecord]) -> list:
+                        models: list[ModelRecord]) -> list:
     sdir = stage_dir_for(run_dir, "benchmark")
     scfg = stage_config(config, "benchmark")
-    fp = fingerprint({"stage": scfg, "models": [m.fingerprint for m in records]})
-    if (sdir / "stage.json").exists() and artifacts.read_json(sdir / "stage.json").get(
-            "fingerprint") == fp:
+    fp = fingerprint({"stage": scfg, "models": [m.fingerprint for m in models]})
+    found = records.finished_benchmark(sdir, fp, models)
+    if found is not None:
         log.info("benchmark: already finished in %s, not run again", sdir)
-        return artifacts.read_json(sdir / "metrics.json")["models"]
+        return found[1]["models"]
     started, t0 = artifacts.now_iso(), time.perf_counter()
-    results = benchmark_models(records, data, config)
+    results = benchmark_models(models, data, config)
     artifacts.write_json({"models": results}, sdir / "metrics.json")
-    write_stage_json(sdir, stage="benchmark", fp=fp, scfg=scfg, parent=records[-1],
-                     started=started, seconds=time.perf_counter() - t0, artifact=None,
-                     model_config=None, num_classes=data.num_classes)
+    records.write_stage_json(sdir, stage="benchmark", fp=fp, scfg=scfg, parent=models[-1],
+                             started=started, seconds=time.perf_counter() - t0, artifact=None,
+                             model_config=None, num_classes=data.num_classes)
     return results
-
-
-def write_stage_json(sdir: Path, *, stage, fp, scfg, parent, started, seconds, artifact,
-                     model_config, num_classes) -> None:
-    artifacts.write_json({
-        "stage": stage, "status": "finished", "fingerprint": fp, "config": scfg,
-        "parent": None if parent is None else {"stage": parent.stage,
-                                               "artifact": str(parent.artifact)},
-        "artifact": artifact, "model_config": model_config, "num_classes": num_classes,
-        "started": started, "finished": artifacts.now_iso(), "seconds": round(seconds, 3),
-        "versions": artifacts.versions(), "git_sha": artifacts.git_sha(),
-    }, sdir / "stage.json")

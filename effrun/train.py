@@ -3,6 +3,8 @@
 One entry point, `fit`. It checkpoints every epoch (atomically) and resumes from the last
 finished epoch when the checkpoint file exists, so an interrupted run picks up where it stopped and
 ends with the same weights as an uninterrupted one. fp16 scales the loss with a GradScaler.
+A checkpoint is written only while every weight and statistic is finite; the one before it is
+kept as <name>.prev.pt, where resuming falls back to when the newest cannot be loaded.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from effrun.artifacts import torch_save
+from effrun.checkpoint import resume as resume_checkpoint
+from effrun.checkpoint import save as save_checkpoint
 from effrun.data import Augmentation, BatchLoader, DataSplits
-from effrun.errors import EffrunError
+from effrun.errors import TrainingDiverged
 from effrun.evaluate import evaluate
 from effrun.hardware import Hardware
 from effrun.models.hooks import EpochStart
@@ -36,8 +39,6 @@ StepHook = Callable[[nn.Module, int, int], None]
 NAN_CHECK_EVERY = 25  # steps; checking every step would force a device sync per step
 
 
-class TrainingDiverged(EffrunError):
-    """The loss became NaN or inf; the user fixes it with a lower lr or higher precision."""
 
 
 class EMA:
@@ -123,7 +124,7 @@ def fit(model: nn.Module, data: DataSplits, *, hw: Hardware, train: TrainConfig,
                        augment=augment, checkpoint=checkpoint, seed=seed,
                        epochs=train.epochs if epochs is None else epochs, loss_fn=loss_fn,
                        after_step=after_step, desc=desc)
-    _resume(loop, fingerprint)
+    resume_checkpoint(loop, fingerprint)
     step_model = hw.maybe_compile(loop.model)
     for epoch in range(loop.start_epoch, loop.epochs):
         record = _train_epoch(loop, step_model, epoch)
@@ -132,7 +133,7 @@ def fit(model: nn.Module, data: DataSplits, *, hw: Hardware, train: TrainConfig,
         log.info("%s epoch %d/%d  loss %.4f  train acc %.4f%s  %.0f img/s  %.1fs", desc,
                  epoch + 1, loop.epochs, record["train_loss"], record["train_accuracy"],
                  eval_note, record["images_per_s"], record["seconds"])
-        _save_checkpoint(loop, epoch, fingerprint)
+        save_checkpoint(loop, epoch, fingerprint)
     return _final_result(loop, data)
 
 
@@ -167,34 +168,6 @@ def _grad_scaler(hw: Hardware) -> torch.amp.GradScaler | None:
     if hw.autocast_dtype != torch.float16:
         return None
     return torch.amp.GradScaler(hw.torch_device.type)
-
-
-def _resume(loop: LoopState, fingerprint: str) -> None:
-    """Load the checkpoint into `loop` when an earlier run of this stage left one."""
-    if not Path(loop.checkpoint).exists():
-        return
-    state = torch.load(loop.checkpoint, map_location=loop.hw.torch_device, weights_only=True)
-    if state.get("fingerprint") != fingerprint:
-        raise EffrunError(f"{loop.checkpoint} was written by a run with a different config: "
-                          f"use a new hydra.run.dir or delete that file")
-    loop.model.load_state_dict(state["model"])
-    loop.optimizer.load_state_dict(state["optimizer"])
-    loop.scheduler.load_state_dict(state["scheduler"])
-    if loop.ema is not None:
-        loop.ema.model.load_state_dict(state["ema"])
-    if loop.lookahead is not None:
-        loop.lookahead.state = state["lookahead"]
-    # Checkpoints written before the scaler and CUDA RNG were saved lack those keys; such a run
-    # resumes with a fresh scaler and the CUDA generators as they are.
-    if loop.scaler is not None and state.get("scaler") is not None:
-        loop.scaler.load_state_dict(state["scaler"])
-    loop.history, loop.start_epoch = state["history"], state["epoch"]
-    torch.set_rng_state(state["rng"].cpu())  # map_location moved it; the setter wants CPU
-    cuda_rng = state.get("cuda_rng")
-    if cuda_rng is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in cuda_rng[:torch.cuda.device_count()]])
-    log.info("%s: resumed from %s after epoch %d/%d", loop.desc, loop.checkpoint,
-             loop.start_epoch, loop.epochs)
 
 
 def _train_epoch(loop: LoopState, step_model: Callable, epoch: int) -> dict:
@@ -281,20 +254,6 @@ def _evaluate_epoch(loop: LoopState, data: DataSplits, epoch: int, record: dict)
     record[f"{split}_accuracy"] = metrics["accuracy"]
     record[f"{split}_loss"] = metrics["loss"]
     return f"  {split} acc {metrics['accuracy']:.4f}"
-
-
-def _save_checkpoint(loop: LoopState, epoch: int, fingerprint: str) -> None:
-    """Everything `_resume` needs to continue after `epoch` exactly as an unbroken run would."""
-    on_cuda = loop.hw.torch_device.type == "cuda"
-    torch_save({"fingerprint": fingerprint, "epoch": epoch + 1,
-                "model": loop.model.state_dict(), "optimizer": loop.optimizer.state_dict(),
-                "scheduler": loop.scheduler.state_dict(),
-                "ema": loop.ema.model.state_dict() if loop.ema is not None else {},
-                "lookahead": loop.lookahead.state if loop.lookahead is not None else {},
-                "scaler": loop.scaler.state_dict() if loop.scaler is not None else None,
-                "history": loop.history, "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if on_cuda else None},
-               loop.checkpoint)
 
 
 def _final_result(loop: LoopState, data: DataSplits) -> dict:

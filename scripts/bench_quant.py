@@ -49,6 +49,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--reduce-range", default="null", choices=["null", "true", "false"],
                    help="7-bit activations; null = on when the CPU lacks VNNI/AMX")
     p.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    p.add_argument("--trust-artifact", action="store_true",
+                   help="load --model as it is; without it a .pt2 is scanned first and refused "
+                        "if it would run code (an AOTInductor package always is)")
     return p.parse_args()
 
 
@@ -101,7 +104,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    float_model, meta = load_model(Path(args.model))
+    float_model, meta = load_model(Path(args.model), trusted=args.trust_artifact)
     if Deployment.from_meta(meta).native:
         sys.exit(f"bench_quant: {args.model} is not a float model")
     with tempfile.TemporaryDirectory() as tmp:

@@ -77,7 +77,10 @@ def test_measure_latency_runs_until_min_time():
         return x
 
     stats = measure_latency(slow_model, torch.zeros(1), warmup=0, iters=1, min_time_s=0.03)
-    assert stats["iters"] >= 5
+    # Timed past `iters` until 30 ms were measured (a loaded machine stretches each sleep, so
+    # count the time, not the calls).
+    assert stats["iters"] >= 2
+    assert stats["latency_ms_mean"] * stats["iters"] >= 30.0
     assert stats["latency_ms_p50"] >= 2.0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -123,3 +124,54 @@ def test_validate_accepts_default_config():
     config = validate(compose_cfg())
     assert config.run.stages == ["train", "prune", "distill", "quantize", "benchmark"]
     assert config.run.name == "default"
+
+
+def start_training(run_dir, tmp_path, epochs: int = 4):
+    """`effrun` training in a subprocess, returned once its first epoch is checkpointed."""
+    args = ["+experiment=smoke", f"train.epochs={epochs}", "stages=[train]",
+            f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "effrun", *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = run_dir / "01_train" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["epoch"] >= 1:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "training finished before it could be interrupted"
+    return proc, ckpt
+
+
+def test_sigterm_stops_like_ctrl_c_and_keeps_the_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    proc, ckpt = start_training(run_dir, tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "stopped by SIGTERM" in stderr and f"hydra.run.dir={run_dir}" in stderr
+    assert "Traceback" not in stderr
+    assert torch.load(ckpt, weights_only=True)["epoch"] >= 1, "the checkpoint is kept"
+
+
+def test_refused_runs_leave_the_records_as_they_were(tmp_path, smoke_run):
+    """A run dir in use, an invalid value, or a finished stage made with another config: one
+    line each, and config.json and the invocation history stay as they were."""
+    from effrun import run_dir as run_dir_guard
+    from effrun.errors import ConfigError
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run[0], run_dir)
+    records = {name: (run_dir / name).read_bytes()
+               for name in ("config.json", "invocations.jsonl")}
+    with run_dir_guard.locked(run_dir):  # another effrun holds it
+        with pytest.raises(EffrunError, match=rf"in use by another effrun \(pid {os.getpid()}\)"):
+            pipeline.run(compose_cfg(["+experiment=smoke"]), run_dir)
+    with pytest.raises(ConfigError):
+        pipeline.run(compose_cfg(["+experiment=smoke", "train.epochs=-1"]), run_dir)
+    changed = compose_cfg(["+experiment=smoke", "compression.prune.finetune_epochs=2"])
+    with pytest.raises(EffrunError, match="02_prune holds a finished 'prune' stage"):
+        pipeline.run(changed, run_dir)
+    assert {name: (run_dir / name).read_bytes() for name in records} == records
+    pipeline.run(compose_cfg(["+experiment=smoke"]), run_dir, ["+experiment=smoke"])
+    history = (run_dir / "invocations.jsonl").read_text().splitlines()
+    assert len(history) == 2 and '"+experiment=smoke"' in history[-1], "appended, not replaced"

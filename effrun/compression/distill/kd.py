@@ -124,7 +124,9 @@ class DistillBase:
         against each other and the data."""
         if self.teacher is not None:
             try:
-                teacher, _ = artifacts.load_model(Path(self.teacher))
+                # From elsewhere, and StageInputs does not carry trust_artifact: always
+                # scanned (effrun.untrusted); effrun's own .pt and .pt2 pass.
+                teacher, _ = artifacts.load_model(Path(self.teacher), trusted=False)
             except Exception as e:  # missing file, not an artifact, shapes that do not fit
                 raise EffrunError(f"{KEY}.teacher: cannot load {self.teacher}: "
                                   f"{str(e).splitlines()[0]}") from None

@@ -27,6 +27,7 @@ from effrun.compile import fused_int8_kernels
 from effrun.compression.quantize.common import COMPILE_OPTIONS, Int8Model, export_program
 from effrun.errors import EffrunError
 from effrun.stage import Deployment
+from effrun.untrusted import scan_archive
 
 log = logging.getLogger("effrun")
 
@@ -78,20 +79,31 @@ def build_aoti(ep: torch.export.ExportedProgram, path: Path) -> dict:
 
 
 def is_aoti_package(path: Path) -> bool:
-    with zipfile.ZipFile(path) as z:
-        return any("/data/aotinductor/" in n for n in z.namelist())
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any("/data/aotinductor/" in n for n in z.namelist())
+    except zipfile.BadZipFile:
+        return False  # not an archive: torch.export.load says so in one line
 
 
-def load_int8(path: Path) -> tuple[nn.Module, dict]:
-    """ARTIFACT_LOADERS['.pt2']: a torch.export program or an AOTInductor package."""
-    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401 (fusion passes)
+def load_int8(path: Path, *, trusted: bool = False) -> tuple[nn.Module, dict]:
+    """ARTIFACT_LOADERS['.pt2']: a torch.export program or an AOTInductor package.
 
+    `trusted`: the file was written by effrun in this run dir, or the user said they trust it
+    (trust_artifact=true); it loads as it is. Otherwise it is scanned first
+    (effrun.untrusted.scan_archive): a pickle that imports anything a plain torch.export
+    program does not, or an AOTInductor package (a shared library), is refused in one line."""
     path = Path(path)
     if not path.is_file():
         raise EffrunError(f"model artifact not found: {path}")
-    if is_aoti_package(path):
+    if not trusted:
+        scan_archive(path)  # before anything, torchao included, touches the file
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401 (fusion passes)
+
+    if is_aoti_package(path):  # trusted: an untrusted one was refused by the scan
         sibling = path.with_name("model.pt2")
-        meta = load_int8(sibling)[1] if sibling.is_file() and sibling != path else _no_meta()
+        meta = (load_int8(sibling, trusted=trusted)[1] if sibling.is_file() and sibling != path
+                else _no_meta())
         # Already compiled ahead of time: it runs as it is, never through torch.compile.
         deploy = dataclasses.replace(Deployment.from_meta(meta), compile_options=None)
         meta = {**meta, "deploy": deploy.to_meta(), "aoti_package": True}

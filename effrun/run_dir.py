@@ -1,0 +1,53 @@
+"""What guards a run dir: one effrun at a time (a lock naming its holder), and records written
+only once a run is accepted (valid config, lock taken, no finished stage made with another
+config), with every invocation's overrides kept as history.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from effrun import artifacts
+from effrun.errors import EffrunError
+
+LOCK_FILE = ".effrun.lock"
+HISTORY_FILE = "invocations.jsonl"
+
+
+@contextmanager
+def locked(run_dir: Path) -> Iterator[None]:
+    """Hold the run dir's lock (flock: released by the OS when the process dies, kill -9
+    included); a run dir in use by another process is one line naming its PID."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise EffrunError(f"{run_dir} is in use by another effrun (pid {holder}): wait for "
+                              f"it to finish or choose another hydra.run.dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def write_records(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> None:
+    """config.json (the resolved config) and one line of history per accepted invocation."""
+    artifacts.write_json(OmegaConf.to_container(cfg, resolve=True), run_dir / "config.json")
+    entry = {"time": artifacts.now_iso(), "pid": os.getpid(), "overrides": overrides or []}
+    with open(run_dir / HISTORY_FILE, "a") as history:
+        history.write(json.dumps(entry) + "\n")
