@@ -5,6 +5,7 @@ Writes are atomic (temp file + rename) so an interrupted run never leaves a torn
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib
 import importlib.metadata
@@ -26,6 +27,25 @@ from effrun.errors import EffrunError
 MODEL_FILE = "model.pt"
 
 
+# OSErrors while writing that the user fixes (free space, permissions, a wrong path): one line.
+_WRITE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                 errno.EROFS: "read-only file system",
+                 errno.ENOTDIR: "a parent of it is a file, not a folder",
+                 errno.EEXIST: "a parent of it is a file, not a folder"}
+
+
+def write_error(err: OSError, path: Path) -> EffrunError | None:
+    """The one-line EffrunError for an OSError met while writing `path`, or None when the
+    error is not one the user can fix (then it propagates as it is)."""
+    why = _WRITE_ERRNOS.get(err.errno)
+    if why is None:
+        return None
+    culprit = err.errno in (errno.ENOTDIR, errno.EEXIST) and err.filename
+    where = f" ({err.filename})" if culprit and str(err.filename) != str(path) else ""
+    return EffrunError(f"{why} while writing {path}{where}")
+
+
 @contextmanager
 def atomic_path(path: Path, suffix: str = ".tmp"):
     """Yield a temp path beside `path`; rename it into place only if the block succeeds. The
@@ -33,20 +53,27 @@ def atomic_path(path: Path, suffix: str = ".tmp"):
 
     The file gets the permissions a plain open() would (mkstemp's are 0600), so run dirs and a
     shared cache stay readable as the umask allows. `suffix` is for writers that insist on
-    a file name ending (AOTInductor wants .pt2).
+    a file name ending (AOTInductor wants .pt2). A full disk, a read-only or unwritable folder
+    and a parent path that is a file are an EffrunError naming `path` (write_error).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+        os.close(fd)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        mapped = write_error(err, path)
+        if mapped is None:
+            raise
+        raise mapped from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -54,7 +81,22 @@ def torch_save(obj: Any, path: Path) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         # Through a file object: torch.save names the archive's root folder after a path's
         # file name (here a random temp name), so equal contents would hash differently.
-        torch.save(obj, handle)
+        try:
+            torch.save(obj, handle)
+        except RuntimeError:
+            # torch's zip writer reports a full disk as "[enforce fail at inline_container.cc]
+            # unexpected pos ...": say what it is when the file system is (nearly) full.
+            if _free_bytes(tmp) < (1 << 20):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from None
+            raise
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        st = os.statvfs(Path(path).parent)
+    except OSError:
+        return 1 << 62
+    return st.f_bavail * st.f_frsize
 
 
 def write_json(obj: Any, path: Path) -> None:
@@ -141,7 +183,13 @@ def read_model_file(path: Path) -> dict:
     except FileNotFoundError:
         raise EffrunError(f"model artifact not found: {path}") from None
     except Exception as e:
-        raise EffrunError(f"cannot load model artifact {path}: {str(e).splitlines()[0]}") from None
+        if Path(path).is_file() and Path(path).stat().st_size == 0:
+            raise EffrunError(f"cannot load model artifact {path}: the file is empty (0 bytes)"
+                              ) from None
+        lines = str(e).strip().splitlines()
+        why = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+        raise EffrunError(f"cannot load model artifact {path}: not a file torch.save wrote "
+                          f"({why})") from None
     if not isinstance(blob, dict) or blob.get("format") != "effrun.model/1":
         raise EffrunError(f"{path} is not an effrun model artifact (no 'format: effrun.model/1')")
     return blob

@@ -36,6 +36,11 @@ class OptimizerBase:
     decoupled_weight_decay: bool = False
 
     def __post_init__(self) -> None:
+        for key in ("lr", "weight_decay", "warmup_epochs", "final_lr_fraction", "warmup_from",
+                    "norm_bias_lr_scale"):
+            if not math.isfinite(getattr(self, key)):
+                raise ValueError(f"optimizer.{key} must be a finite number, got "
+                                 f"{getattr(self, key)}")
         if self.lr <= 0:
             raise ValueError(f"optimizer.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:

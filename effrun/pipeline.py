@@ -53,12 +53,15 @@ def run_stages(config: EffrunConfig, run_dir: Path) -> list[dict]:
     hw = config.hardware
     hw.setup(config.run.seed)
     log.info("run dir %s | stages %s | device %s", run_dir, config.run.stages, hw.torch_device)
+    # init_from is read before the data is decoded: a bad artifact fails in seconds.
+    parent = initial_record(config) if config.run.init_from else None
     data = config.dataset.load(seed=config.run.seed)
     log.info("data: %d train / %s val / %d test images of %s, %d classes", len(data.train_y),
              len(data.val_y) if data.val_y is not None else 0, len(data.test_y),
              "x".join(map(str, data.image_size)), data.num_classes)
-
-    parent = initial_record(config) if config.run.init_from else None
+    if parent is not None and parent.num_classes != data.num_classes:
+        raise EffrunError(f"init_from={config.run.init_from} has {parent.num_classes} classes "
+                          f"but the data has {data.num_classes}")
     produced: list[ModelRecord] = []
     for stage in config.run.stages:
         if stage == "benchmark":

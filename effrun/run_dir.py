@@ -24,9 +24,17 @@ HISTORY_FILE = "invocations.jsonl"
 @contextmanager
 def locked(run_dir: Path) -> Iterator[None]:
     """Hold the run dir's lock (flock: released by the OS when the process dies, kill -9
-    included); a run dir in use by another process is one line naming its PID."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOCK_FILE, "a+") as handle:
+    included); a run dir in use by another process is one line naming its PID. A run dir that
+    cannot be created or written (a file at its path, read-only) is one line naming it."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / LOCK_FILE, "a+")
+    except OSError as err:
+        mapped = artifacts.write_error(err, run_dir)
+        if mapped is None:
+            raise
+        raise mapped from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

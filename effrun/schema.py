@@ -126,6 +126,8 @@ class RunConfig:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
     def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError(f"stages must list at least one stage of {list(STAGE_ORDER)}, got []")
         unknown = [s for s in self.stages if s not in STAGE_ORDER]
         if unknown:
             raise ValueError(f"stages: unknown stage {unknown[0]!r}; allowed: {list(STAGE_ORDER)}")
@@ -231,8 +233,10 @@ def typed(cls: type, values: dict, where: str) -> Any:
         merged = OmegaConf.merge(schema, values)
         return OmegaConf.to_object(merged)
     except ConfigKeyError as e:
-        allowed = ", ".join(f.name for f in dataclasses.fields(cls))
-        raise ConfigError(f"{where}.{_key(e)}: unknown key for {cls.__name__}; "
+        key = _key(e)
+        owner = _owner(cls, key)
+        allowed = ", ".join(f.name for f in dataclasses.fields(owner))
+        raise ConfigError(f"{where}.{key}: unknown key for {owner.__name__}; "
                           f"allowed: {allowed}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{where}.{_key(e)}: {_first_line(e.msg)}") from None
@@ -269,6 +273,26 @@ def validate(cfg: DictConfig) -> EffrunConfig:
     if run.stages == ["benchmark"] and run.init_from is None:
         raise ConfigError("stages=[benchmark] needs a model: set init_from=<model artifact .pt>")
     return EffrunConfig(run=run, compression=compression, raw=cfg, **built)
+
+
+def _owner(cls: type, key: str) -> type:
+    """The dataclass that holds the last part of a dotted key (`train.epoch` -> TrainConfig)."""
+    for part in key.split(".")[:-1]:
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        hints = _field_types(cls)
+        sub = hints.get(part, types.get(part))
+        if not (isinstance(sub, type) and dataclasses.is_dataclass(sub)):
+            break
+        cls = sub
+    return cls
+
+
+def _field_types(cls: type) -> dict:
+    import typing
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # unresolvable annotations: fall back to the raw ones
+        return {}
 
 
 def _key(e: OmegaConfBaseException) -> str:

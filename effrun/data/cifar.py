@@ -69,7 +69,8 @@ class _CIFARBase(ImageTreeBase):
         )
 
     def _load_tree(self, root: Path) -> DataSplits:
-        return load_tree_splits(root, image_size=32, cache_dir=self.resolved_cache_dir())
+        return load_tree_splits(root, image_size=32, cache_dir=self.resolved_cache_dir(),
+                                skip_bad=self.skip_bad_images)
 
 
 def _nhwc_to_nchw(images) -> torch.Tensor:

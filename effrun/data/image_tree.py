@@ -9,7 +9,9 @@ any change to the tree or to image_size decodes afresh.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +30,10 @@ _CACHE_FORMAT = 1
 _NATIVE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".webp"}
 _PIL_EXTENSIONS = {".bmp", ".tif", ".tiff", ".ppm", ".pgm"}
 IMAGE_EXTENSIONS = _NATIVE_EXTENSIONS | _PIL_EXTENSIONS
+# torchvision's decoder errors start with "<function>, <source file>:<line>, ".
+_TORCHVISION_PREFIX = re.compile(r"^\w+, \S+:\d+, ")
+
+log = logging.getLogger("effrun")
 
 
 def find_test_split(root: Path) -> str:
@@ -99,24 +105,54 @@ def _decode_with_pil(path: Path) -> torch.Tensor:
         return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
 
 
-def decode_files(files: Sequence[Path], image_size: int | None, desc: str) -> torch.Tensor:
-    """All files as one uint8 [N, 3, H, W] tensor; native sizes must then all agree."""
+def decode_files(files: Sequence[Path], image_size: int | None, desc: str,
+                 skip_bad: bool = False) -> tuple[torch.Tensor, list[int]]:
+    """All files as one uint8 [N, 3, H, W] tensor; native sizes must then all agree.
+
+    A file that does not decode (truncated, empty, not an image) is an EffrunError naming it;
+    with `skip_bad` it is left out instead. Returns (images, indices of the files left out)."""
     with warnings.catch_warnings():
         # torchvision 0.29 flags its decoders as deprecated (moving to torchcodec); they work
         # across the supported torchvision range, and one warning per image is just noise.
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
-        first = decode_file(files[0], image_size)
-        out = torch.empty((len(files), *first.shape), dtype=torch.uint8)
-        out[0] = first
-        for i, path in enumerate(tqdm(files[1:], desc=desc, unit="img", disable=None), start=1):
-            image = decode_file(path, image_size)
-            if image.shape != first.shape:
+        out: torch.Tensor | None = None
+        first: Path | None = None
+        bad: list[int] = []
+        for i, path in enumerate(tqdm(files, desc=desc, unit="img", disable=None)):
+            try:
+                image = decode_file(path, image_size)
+            except Exception as err:  # torchvision's RuntimeError, PIL's OSError, ...
+                if not skip_bad:
+                    raise EffrunError(f"cannot decode image {path}: {decode_error(err)} (set "
+                                      f"dataset.skip_bad_images=true to skip such files)"
+                                      ) from None
+                bad.append(i)
+                continue
+            if out is None:
+                out = torch.empty((len(files), *image.shape), dtype=torch.uint8)
+                first = path
+            elif image.shape != out.shape[1:]:
                 raise EffrunError(
-                    f"images differ in size ({path}: {tuple(image.shape[1:])}, {files[0]}: "
-                    f"{tuple(first.shape[1:])}): set dataset.image_size=<int> to resize them"
+                    f"images differ in size ({path}: {tuple(image.shape[1:])}, {first}: "
+                    f"{tuple(out.shape[2:])}): set dataset.image_size=<int> to resize them"
                 )
             out[i] = image
-    return out
+    if out is None:
+        raise EffrunError(f"no image under {Path(files[0]).parent.parent} could be decoded "
+                          f"(first: {files[0]})")
+    if bad:
+        keep = torch.ones(len(files), dtype=torch.bool)
+        keep[bad] = False
+        out = out[keep]
+    return out, bad
+
+
+def decode_error(err: Exception) -> str:
+    """A decoder's error as a short phrase (no source locations, first sentence only)."""
+    lines = str(err).strip().splitlines()
+    text = _TORCHVISION_PREFIX.sub("", lines[0]) if lines else ""
+    text = text.split(". ")[0].rstrip(".")
+    return text or type(err).__name__
 
 
 def read_image_tree(
@@ -126,12 +162,15 @@ def read_image_tree(
     image_size: int | None,
     cache_dir: Path,
     max_per_class: int | None = None,
+    skip_bad: bool = False,
 ) -> dict:
     """Decode root/<split>/<class>/* for each split, through the on-disk cache.
 
     Returns {"classes": [...], "<split>_x": uint8 [N,3,H,W], "<split>_y": int64 [N], ...}.
     Class names and label order come from the first split. `max_per_class` caps the files read
     per class (for quick checks on big trees); it is part of the cache key via the file list.
+    A file that does not decode is an EffrunError naming it; `skip_bad` leaves such files out
+    with one warning that lists them (the cache remembers them, so a cached load warns too).
     """
     root = Path(root).expanduser().resolve()
     listing: dict[str, tuple[list[Path], list[int]]] = {}
@@ -139,20 +178,52 @@ def read_image_tree(
     for split in splits:
         files, labels, classes = scan_split(root / split, classes, max_per_class)
         listing[split] = (files, labels)
+    _warn_about_classes(root, listing, classes)
 
     cache_path = Path(cache_dir).expanduser() / (
         f"imagefolder-{root.name}-{_tree_key(root, listing, image_size)}.pt"
     )
     cached = _read_cache(cache_path, splits)
     if cached is not None:
+        cached_skipped = list(cached.pop("skipped", []))
+        if cached_skipped and not skip_bad:
+            raise EffrunError(f"cannot decode image {root / cached_skipped[0]} (set "
+                              f"dataset.skip_bad_images=true to skip such files)")
+        _warn_skipped(root, cached_skipped)
         return cached
 
     tree: dict = {"classes": classes}
+    skipped: list[str] = []
     for split, (files, labels) in listing.items():
-        tree[f"{split}_x"] = decode_files(files, image_size, desc=f"decoding {root.name}/{split}")
-        tree[f"{split}_y"] = torch.tensor(labels, dtype=torch.int64)
-    _write_cache(cache_path, tree)
+        images, bad = decode_files(files, image_size, desc=f"decoding {root.name}/{split}",
+                                   skip_bad=skip_bad)
+        bad_set = set(bad)
+        tree[f"{split}_x"] = images
+        tree[f"{split}_y"] = torch.tensor(
+            [label for i, label in enumerate(labels) if i not in bad_set], dtype=torch.int64)
+        skipped += [files[i].relative_to(root).as_posix() for i in bad]
+    _warn_skipped(root, skipped)
+    _write_cache(cache_path, {**tree, "skipped": skipped})
     return tree
+
+
+def _warn_skipped(root: Path, skipped: list[str]) -> None:
+    if skipped:
+        log.warning("skipped %d image file(s) under %s that do not decode "
+                    "(dataset.skip_bad_images=true): %s", len(skipped), root, ", ".join(skipped))
+
+
+def _warn_about_classes(root: Path, listing: dict[str, tuple[list[Path], list[int]]],
+                        classes: list[str]) -> None:
+    """Warnings (the run goes on) for trees a model can learn little from."""
+    if len(classes) == 1:
+        log.warning("%s has a single class (%s): accuracy is trivially 100%%",
+                    root / next(iter(listing)), classes[0])
+    for split, (_files, labels) in listing.items():
+        present = set(labels)
+        empty = [c for i, c in enumerate(classes) if i not in present]
+        if empty:
+            log.warning("%s has no images of class(es) %s", root / split, ", ".join(empty))
 
 
 def _tree_key(
@@ -191,15 +262,16 @@ def _write_cache(path: Path, tree: dict) -> None:
     try:
         with atomic_path(path) as tmp:
             torch.save(tree, tmp)
-    except OSError as err:  # e.g. disk full or a read-only cache dir
+    except (OSError, EffrunError) as err:  # e.g. disk full or a read-only cache dir
         warnings.warn(f"could not write cache file {path}: {err}", stacklevel=3)
 
 
-def load_tree_splits(root: Path, *, image_size: int | None, cache_dir: Path) -> DataSplits:
+def load_tree_splits(root: Path, *, image_size: int | None, cache_dir: Path,
+                     skip_bad: bool = False) -> DataSplits:
     """An ImageFolder tree (train/ plus test/ or val/) as DataSplits, through the decode cache."""
     test_split = find_test_split(root)
     tree = read_image_tree(root, ("train", test_split), image_size=image_size,
-                           cache_dir=cache_dir)
+                           cache_dir=cache_dir, skip_bad=skip_bad)
     return DataSplits(train_x=tree["train_x"], train_y=tree["train_y"],
                       test_x=tree[f"{test_split}_x"], test_y=tree[f"{test_split}_y"],
                       classes=tree["classes"])

@@ -40,4 +40,5 @@ class ImageFolderData(ImageTreeBase):
                 "and test/<class>/ (or val/<class>/) folders>"
             )
         return load_tree_splits(root, image_size=self.image_size,
-                                cache_dir=self.resolved_cache_dir())
+                                cache_dir=self.resolved_cache_dir(),
+                                skip_bad=self.skip_bad_images)

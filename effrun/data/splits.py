@@ -76,9 +76,12 @@ class DatasetBase:
 @dataclass
 class ImageTreeBase(DatasetBase):
     """Datasets decoded from image files: cache_dir is where the decoded tensors are cached;
-    None -> $EFFRUN_CACHE_DIR or ~/.cache/effrun (never beside the data)."""
+    None -> $EFFRUN_CACHE_DIR or ~/.cache/effrun (never beside the data). An image file that
+    does not decode (truncated, empty, not an image) stops the run with one line naming it;
+    skip_bad_images=true leaves such files out with one warning listing them."""
 
     cache_dir: str | None = None
+    skip_bad_images: bool = False
 
     def resolved_cache_dir(self) -> Path:
         return resolve_cache_dir(self.cache_dir)
