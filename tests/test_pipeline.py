@@ -84,22 +84,12 @@ def test_rerun_finished_run_does_not_train_again(tmp_path, smoke_run):
 def test_killed_training_resumes(tmp_path):
     """kill -9 in the middle of training; the rerun continues from the last finished epoch."""
     run_dir = tmp_path / "run"
-    args = ["+experiment=smoke", "train.epochs=4", "stages=[train]",
-            f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen([sys.executable, "-m", "effrun", *args], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = run_dir / "01_train" / "checkpoint.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.exists() and torch.load(ckpt, weights_only=True)["epoch"] >= 1:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "training finished before it could be interrupted"
+    proc, ckpt = start_training(run_dir, tmp_path)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     done_epochs = torch.load(ckpt, weights_only=True)["epoch"]
     assert 1 <= done_epochs < 4 and not (run_dir / "01_train" / "stage.json").exists()
-    res = run_cli(args, cwd=tmp_path)
+    res = run_cli(training_args(run_dir), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     log = (run_dir / "effrun.log").read_text()
     assert f"resumed from {ckpt} after epoch {done_epochs}/4" in log
@@ -126,11 +116,14 @@ def test_validate_accepts_default_config():
     assert config.run.name == "default"
 
 
-def start_training(run_dir, tmp_path, epochs: int = 4):
+def training_args(run_dir) -> list[str]:
+    return ["+experiment=smoke", "train.epochs=4", "stages=[train]", f"hydra.run.dir={run_dir}"]
+
+
+def start_training(run_dir, tmp_path):
     """`effrun` training in a subprocess, returned once its first epoch is checkpointed."""
-    args = ["+experiment=smoke", f"train.epochs={epochs}", "stages=[train]",
-            f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen([sys.executable, "-m", "effrun", *args], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "effrun", *training_args(run_dir)],
+                            cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ckpt = run_dir / "01_train" / "checkpoint.pt"
     deadline = time.time() + 300
