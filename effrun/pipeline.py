@@ -53,15 +53,7 @@ def run_stages(config: EffrunConfig, run_dir: Path) -> list[dict]:
     hw = config.hardware
     hw.setup(config.run.seed)
     log.info("run dir %s | stages %s | device %s", run_dir, config.run.stages, hw.torch_device)
-    # init_from is read before the data is decoded: a bad artifact fails in seconds.
-    parent = initial_record(config) if config.run.init_from else None
-    data = config.dataset.load(seed=config.run.seed)
-    log.info("data: %d train / %s val / %d test images of %s, %d classes", len(data.train_y),
-             len(data.val_y) if data.val_y is not None else 0, len(data.test_y),
-             "x".join(map(str, data.image_size)), data.num_classes)
-    if parent is not None and parent.num_classes != data.num_classes:
-        raise EffrunError(f"init_from={config.run.init_from} has {parent.num_classes} classes "
-                          f"but the data has {data.num_classes}")
+    parent, data = read_artifacts_then_data(config)
     produced: list[ModelRecord] = []
     for stage in config.run.stages:
         if stage == "benchmark":
@@ -77,6 +69,26 @@ def run_stages(config: EffrunConfig, run_dir: Path) -> list[dict]:
                           "headline": headline(summary)}, run_dir / "summary.json")
     print_summary(summary, title=f"effrun · {config.run.name} · {run_dir}")
     return summary
+
+
+def read_artifacts_then_data(config: EffrunConfig) -> tuple[ModelRecord | None, DataSplits]:
+    """The init_from record and the data. Every artifact the config names (init_from, a
+    distillation teacher) is read before the data is decoded: a bad path fails in seconds."""
+    parent = initial_record(config) if config.run.init_from else None
+    teacher = getattr(config.compression.get("distill"), "teacher", None)
+    if teacher and "distill" in config.run.stages:
+        try:  # untrusted: a teacher from elsewhere is scanned like init_from
+            artifacts.read_meta(Path(teacher))
+        except EffrunError as e:
+            raise EffrunError(f"compression.distill.teacher: {e}") from None
+    data = config.dataset.load(seed=config.run.seed)
+    log.info("data: %d train / %s val / %d test images of %s, %d classes", len(data.train_y),
+             len(data.val_y) if data.val_y is not None else 0, len(data.test_y),
+             "x".join(map(str, data.image_size)), data.num_classes)
+    if parent is not None and parent.num_classes != data.num_classes:
+        raise EffrunError(f"init_from={config.run.init_from} has {parent.num_classes} classes "
+                          f"but the data has {data.num_classes}")
+    return parent, data
 
 
 def refuse_changed_stages(config: EffrunConfig, run_dir: Path) -> None:

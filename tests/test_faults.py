@@ -275,3 +275,28 @@ def test_cli_prints_one_line_and_exits_non_zero(override, code, words, tmp_path)
     assert words in log
     if code == 1:  # refused before training: no stage ran
         assert not (run_dir / "01_train" / "stage.json").exists()
+
+
+def test_bad_teacher_path_fails_before_the_data_is_decoded(tmp_path, monkeypatch):
+    def no_data(self, seed):
+        raise AssertionError("the data was decoded before the teacher was checked")
+
+    monkeypatch.setattr(DatasetBase, "load", no_data)
+    teacher = tmp_path / "nowhere.pt"
+    with pytest.raises(EffrunError) as err:
+        pipeline.run(compose_cfg(["+experiment=smoke", f"compression.distill.teacher={teacher}"]),
+                     tmp_path / "run")
+    message = one_line(err)
+    assert message.startswith("compression.distill.teacher:") and str(teacher) in message
+
+
+def test_records_follow_the_umask(tmp_path):
+    """Atomic writes go through mkstemp (mode 0600); the file ends up as open() would make it."""
+    from effrun.artifacts import write_json
+
+    old = os.umask(0o027)
+    try:
+        write_json({"a": 1}, tmp_path / "x.json")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o640
