@@ -80,16 +80,31 @@ def benchmark_models(records, data, config) -> list[dict]:
         log.info("benchmark: %s (%s)", rec.stage, rec.artifact)
         model, meta = load_model(rec.artifact, trusted=config.run.trust_artifact
                                  or not rec.stage.startswith("init:"))  # init_from: scanned
-        results.append(benchmark_one(model, meta, rec, data, config))
+        deploy = own_reference(Deployment.from_meta(meta), records)
+        results.append(benchmark_one(model, deploy, rec, data, config))
     return results
 
 
-def benchmark_one(model: nn.Module, meta: dict, rec, data, config) -> dict:
+def own_reference(deploy: Deployment, records) -> Deployment:
+    """`compare_to` names the parent's artifact in the run that made the artifact; a stage the
+    stage cache reused names the file of the run that computed it. This run's own file of that
+    stage (same stage dir and file name; the same bytes, by the cache key) is measured instead,
+    so the comparison does not depend on another run dir still being there."""
+    if not deploy.compare_to:
+        return deploy
+    ref = Path(deploy.compare_to)
+    for rec in records:
+        own = Path(rec.artifact)
+        if (own.parent.name, own.name) == (ref.parent.name, ref.name):
+            return dataclasses.replace(deploy, compare_to=str(own))
+    return deploy
+
+
+def benchmark_one(model: nn.Module, deploy: Deployment, rec, data, config) -> dict:
     """Accuracy, size and latency of one artifact, run as its `Deployment` says: its precision,
     `compile_options` (also compiles without hardware.compile), `expected_kernels` (fused
     kernels the compiled code must call, else a flag) and `compare_to` (a reference artifact
     timed the same way, each ratio reported, slower points flagged)."""
-    deploy = Deployment.from_meta(meta)
     hw = deployed_hardware(config.hardware, deploy)
     figures = size_figures(model, rec, data)  # before the model is moved or compiled
     target = deploy_model(model, deploy, hw)

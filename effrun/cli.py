@@ -6,27 +6,39 @@ are found by absolute path, so effrun runs from any working directory, installed
 Errors: a ConfigError (exit 2) or EffrunError (exit 1) is one line on stderr and in the run's
 effrun.log; anything else is a bug and shows its traceback. The job itself never exits the
 process: in a multirun a failed job is recorded (error.txt in its job dir) and the other jobs
-run on; the command exits non-zero at the end, after one line per failed job.
+run on; the command exits non-zero at the end, after one line per failed job. Launchers that run
+jobs in other processes (joblib, submitit) cannot report back in memory, so the list comes from
+the sweep dir's error.txt files (the ListFailures callback says where the sweep went).
+
+Sweeps: job dirs are named `<job num>_<overrides>`; under hydra/launcher=joblib each job gets
+cores / n_jobs torch threads; under hydra/sweeper=optuna a job returns the objectives.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from effrun.errors import ConfigError, EffrunError
 from effrun.schema import config_dir, register_schemas
 
 register_schemas()  # before Hydra composes: the YAML options extend these schemas
+log = logging.getLogger("effrun")
+# Optuna imports alembic, whose plugin set-up would fill the sweep's log at Hydra's INFO level.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 EXIT_CODES = {ConfigError: 2, EffrunError: 1}
 
@@ -42,18 +54,34 @@ class JobFailure:
 # Jobs of this process that failed with a user error (Hydra's basic launcher runs multirun jobs
 # in this process, one after the other).
 FAILURES: list[JobFailure] = []
+# Sweep dirs of this process's multiruns (ListFailures), and when the command started: error.txt
+# files older than that are from an earlier sweep into the same dir.
+SWEEP_DIRS: list[Path] = []
+STARTED = time.time()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def _main(cfg: DictConfig) -> dict | None:
-    """One job: run the pipeline; returns the run's headline figures (for a sweeper)."""
+def _main(cfg: DictConfig) -> dict | float | list[float] | None:
+    """One job: run the pipeline; returns the run's headline figures, or under the optuna
+    sweeper its objectives (sweep_objectives, objective_values); None when the job failed."""
     from effrun import pipeline
     from effrun.summary import headline
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    with contextlib.suppress(OSError):  # a rerun or requeued job starts clean
+        (run_dir / "error.txt").unlink(missing_ok=True)
     try:
-        return headline(pipeline.run(cfg, run_dir, list(hydra_cfg.overrides.task)))
+        objectives = sweep_objectives(hydra_cfg)
+        if objectives:
+            check_objectives_measured(cfg)
+        share_cores(cfg, hydra_cfg)
+        rows = pipeline.run(cfg, run_dir, list(hydra_cfg.overrides.task))
+        if not objectives:
+            return headline(rows)
+        values = objective_values(headline(rows), objectives, cfg.benchmark.latency_budget_ms)
+        log.info("objectives for the optuna sweeper %s: %s", objectives, values)
+        return values
     except (ConfigError, EffrunError) as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -75,11 +103,108 @@ def report_failure(run_dir: Path, error: Exception) -> None:
     FAILURES.append(JobFailure(run_dir, message, code, multirun))
     print(f"effrun: error: {message}  (HYDRA_FULL_ERROR=1 shows the traceback)",
           file=sys.stderr)
-    try:
+    try:  # the exit code too: a job in another process reports back through this file only
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "error.txt").write_text(message + "\n")
+        (run_dir / "error.txt").write_text(f"{message}\nexit code: {code}\n")
     except OSError:  # the run dir itself may be what failed
         pass
+
+
+# ---------------------------------------------------------------- sweeps
+
+def job_dir_name(num: int, overrides: str) -> str:
+    """hydra.sweep.subdir: the job's number, then its overrides (hydra.job.override_dirname) as
+    one safe path component: group slashes become dots, other characters a shell would trip
+    on become _, at most 200 of them (the number keeps names unique). No overrides: the number."""
+    name = re.sub(r"[^\w.=,+\-\[\]:@%]", "_", str(overrides).replace("/", "."))[:200]
+    return f"{num}_{name}" if name else str(num)
+
+
+# Registered on import: every process that runs jobs imports this module to unpickle the task.
+OmegaConf.register_new_resolver("effrun.job_dir", job_dir_name, replace=True)
+
+
+def share_cores(cfg: DictConfig, hydra_cfg) -> None:
+    """Under hydra/launcher=joblib, the parallel jobs split the cores instead of each starting
+    a torch thread per core: hardware.threads = cores // n_jobs, unless hardware.threads is set.
+    OMP_NUM_THREADS, where set, is the count: joblib passes a user's value on to its workers
+    and otherwise sets exactly this share there."""
+    launcher = hydra_cfg.get("launcher") or {}
+    if not str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
+        return
+    if cfg.hardware.threads is not None:
+        log.info("joblib launcher: hardware.threads=%d as set", cfg.hardware.threads)
+        return
+    import joblib
+
+    n_jobs, cores = joblib.effective_n_jobs(launcher.get("n_jobs", -1)), joblib.cpu_count()
+    threads, source = max(1, cores // n_jobs), f"{cores} cores // {n_jobs} jobs"
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0 and int(omp) != threads:
+        threads, source = int(omp), "OMP_NUM_THREADS"
+    cfg.hardware.threads = threads
+    log.info("joblib launcher: %d torch thread(s) per job (%s)", threads, source)
+
+
+def sweep_objectives(hydra_cfg) -> list[str] | None:
+    """Under hydra/sweeper=optuna, the study's directions: [maximize] (top-1, within
+    benchmark.latency_budget_ms if set) or [maximize, minimize] (top-1, batch-1 latency);
+    None under other sweepers."""
+    sweeper = hydra_cfg.get("sweeper") or {}
+    if "optuna" not in str(sweeper.get("_target_", "")):
+        return None
+    direction = sweeper.get("direction")
+    directions = list(direction) if OmegaConf.is_list(direction) else [direction]
+    directions = [getattr(d, "name", str(d)) for d in directions]
+    if directions not in (["maximize"], ["maximize", "minimize"]):
+        raise ConfigError(f"hydra.sweeper.direction must be maximize (top-1 accuracy) or "
+                          f"[maximize, minimize] (top-1, batch-1 latency), got {directions}")
+    return directions
+
+
+def check_objectives_measured(cfg: DictConfig) -> None:
+    if "benchmark" not in cfg.stages or 1 not in cfg.benchmark.batch_sizes:
+        raise ConfigError("the optuna sweeper's objectives are measured by the benchmark stage "
+                          "at batch size 1: add benchmark to stages and 1 to "
+                          "benchmark.batch_sizes")
+
+
+def objective_values(head: dict, directions: list[str],
+                     budget: float | None = None) -> float | list[float]:
+    """The final model's top-1 (and batch-1 p50 latency in ms), from summary.json's headline.
+    Over a latency budget the single objective is -latency / budget: below every trial within
+    budget (top-1 >= 0), and closer to the budget ranks higher."""
+    accuracy, latency = head["accuracy"], head["latency_ms_p50_bs1"]
+    if len(directions) == 2:
+        return [accuracy, latency]
+    if budget is not None and latency > budget:
+        log.info("latency %.3f ms is over the %.3f ms budget: objective %.3f", latency, budget,
+                 -latency / budget)
+        return -latency / budget
+    return accuracy
+
+
+class ListFailures(Callback):
+    """Notes where a multirun's jobs went (on_multirun_end runs in the command's own process,
+    whichever launcher ran the jobs), for main() to list the jobs that failed."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        SWEEP_DIRS.append(Path(str(config.hydra.sweep.dir)))
+
+
+def sweep_failures() -> list[JobFailure]:
+    """Failed jobs of this command's sweeps, from their error.txt (older ones are from an
+    earlier sweep into the same dir), with the in-process ones (FAILURES) each listed once."""
+    found = {failure.run_dir.resolve(): failure for failure in FAILURES}
+    for sweep_dir in SWEEP_DIRS:
+        for path in sorted(sweep_dir.rglob("error.txt")):
+            if path.parent.resolve() in found or path.stat().st_mtime < STARTED:
+                continue
+            message, _, rest = path.read_text().partition("\n")
+            code = re.search(r"exit code: (\d+)", rest)
+            found[path.parent.resolve()] = JobFailure(path.parent, message,
+                                                      int(code.group(1)) if code else 1, True)
+    return list(found.values())
 
 
 class Terminated(KeyboardInterrupt):
@@ -96,23 +221,29 @@ def on_signal(signum: int, _frame) -> None:
 
 
 def main() -> None:
+    global STARTED
     FAILURES.clear()
+    SWEEP_DIRS.clear()
+    STARTED = time.time() - 1  # file times can be a second coarse
     on_signal.received = False
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
+    hydra_exit = 0
     try:
         _main()
     except Terminated:
         sys.exit(143)
     except KeyboardInterrupt:
         sys.exit(130)
-    if not FAILURES:
-        return
-    if any(failure.multirun for failure in FAILURES):
-        print(f"effrun: {len(FAILURES)} job(s) failed:", file=sys.stderr)
-        for failure in FAILURES:
+    except SystemExit as e:  # Hydra reported an error of its own, e.g. the optuna sweeper's
+        hydra_exit = e.code if isinstance(e.code, int) else 1  # when no trial completed
+    failures = sweep_failures()
+    if any(failure.multirun for failure in failures):
+        print(f"effrun: {len(failures)} job(s) failed:", file=sys.stderr)
+        for failure in failures:
             print(f"  {failure.run_dir}: {failure.message}", file=sys.stderr)
-    sys.exit(max(failure.exit_code for failure in FAILURES))
+    if failures or hydra_exit:
+        sys.exit(max([hydra_exit] + [failure.exit_code for failure in failures]))
 
 
 if __name__ == "__main__":

@@ -6,29 +6,32 @@ and stage.json. A stage whose stage.json says it finished with the same config, 
 outputs there unchanged (effrun/records.py), is not run again, so rerunning a run dir resumes
 it; training itself resumes from its last per-epoch checkpoint (effrun/checkpoint.py). The run
 dir is locked and its records written only once the run is accepted (effrun/run_dir.py).
+A model stage computed by an earlier run with the same fingerprint is reused from the stage
+cache (effrun/cache.py); resume_from starts after a finished stage of another run.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from effrun import artifacts, records
+from effrun import cache as stage_cache
 from effrun import run_dir as run_dir_guard
 from effrun.benchmark import benchmark_models
 from effrun.data import BatchLoader, DataSplits, sample_indices
 from effrun.errors import EffrunError
+from effrun.keys import fingerprint, init_fingerprint, stage_config, start_fingerprint
 from effrun.measure import model_figures
 from effrun.models.hooks import InitFromData
 from effrun.schema import STAGE_ORDER, EffrunConfig, validate
 from effrun.stage import ModelRecord, StageInputs, StageResult, stage_inputs
 from effrun.summary import headline, print_summary, summarize
+from effrun.tracking import Tracker
 
 log = logging.getLogger("effrun")
 # Training images handed to a model's init_from_data hook (airbench: 5000).
@@ -43,6 +46,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> l
     """
     config = validate(cfg)
     run_dir = Path(run_dir)
+    records.resume_stages(config)  # resume_from: only the stages after the one it names
     with run_dir_guard.locked(run_dir):
         refuse_changed_stages(config, run_dir)
         run_dir_guard.write_records(cfg, run_dir, overrides)
@@ -50,31 +54,40 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> l
 
 
 def run_stages(config: EffrunConfig, run_dir: Path) -> list[dict]:
-    hw = config.hardware
-    hw.setup(config.run.seed)
-    log.info("run dir %s | stages %s | device %s", run_dir, config.run.stages, hw.torch_device)
-    parent, data = read_artifacts_then_data(config)
-    produced: list[ModelRecord] = []
-    for stage in config.run.stages:
-        if stage == "benchmark":
-            continue
-        parent = run_model_stage(config, stage, run_dir, data, parent)
-        produced.append(parent)
+    # Tracking opens first: a missing extra or an unreachable server fails before any compute.
+    # It only reads what the stages report; it never changes a result.
+    with config.tracking.start(run_dir, config) as tracker:
+        hw = config.hardware
+        hw.setup(config.run.seed)
+        log.info("run dir %s | stages %s | device %s", run_dir, config.run.stages,
+                 hw.torch_device)
+        parent, data = read_artifacts_then_data(config)
+        produced: list[ModelRecord] = []
+        for stage in config.run.stages:
+            if stage == "benchmark":
+                continue
+            parent = run_model_stage(config, stage, run_dir, data, parent, tracker)
+            produced.append(parent)
+            tracker.log_stage(stage, parent.metrics)
 
-    bench = None
-    if "benchmark" in config.run.stages:
-        bench = run_benchmark_stage(config, run_dir, data, produced or [parent])
-    summary = summarize(produced or [parent], bench)
-    artifacts.write_json({"name": config.run.name, "run_dir": str(run_dir), "records": summary,
-                          "headline": headline(summary)}, run_dir / "summary.json")
-    print_summary(summary, title=f"effrun · {config.run.name} · {run_dir}")
+        bench = None
+        if "benchmark" in config.run.stages:
+            bench = run_benchmark_stage(config, run_dir, data, produced or [parent])
+        summary = summarize(produced or [parent], bench)
+        artifacts.write_json({"name": config.run.name, "run_dir": str(run_dir),
+                              "records": summary, "headline": headline(summary)},
+                             run_dir / "summary.json")
+        if bench is not None:
+            tracker.log_benchmark(summary)
+        print_summary(summary, title=f"effrun · {config.run.name} · {run_dir}")
     return summary
 
 
 def read_artifacts_then_data(config: EffrunConfig) -> tuple[ModelRecord | None, DataSplits]:
     """The init_from record and the data. Every artifact the config names (init_from, a
     distillation teacher) is read before the data is decoded: a bad path fails in seconds."""
-    parent = initial_record(config) if config.run.init_from else None
+    given = config.run.init_from or config.run.resume_from
+    parent = initial_record(config) if given else None
     teacher = getattr(config.compression.get("distill"), "teacher", None)
     if teacher and "distill" in config.run.stages:
         try:  # untrusted: a teacher from elsewhere is scanned like init_from
@@ -86,7 +99,8 @@ def read_artifacts_then_data(config: EffrunConfig) -> tuple[ModelRecord | None, 
              len(data.val_y) if data.val_y is not None else 0, len(data.test_y),
              "x".join(map(str, data.image_size)), data.num_classes)
     if parent is not None and parent.num_classes != data.num_classes:
-        raise EffrunError(f"init_from={config.run.init_from} has {parent.num_classes} classes "
+        key = "init_from" if config.run.init_from else "resume_from"
+        raise EffrunError(f"{key}={given} has {parent.num_classes} classes "
                           f"but the data has {data.num_classes}")
     return parent, data
 
@@ -94,7 +108,7 @@ def read_artifacts_then_data(config: EffrunConfig) -> tuple[ModelRecord | None, 
 def refuse_changed_stages(config: EffrunConfig, run_dir: Path) -> None:
     """Before anything is written: a finished model stage in this run dir whose config differs
     from this run's is refused (one line), as the stage itself would refuse it mid-run."""
-    parent_fp = init_fingerprint(config) if config.run.init_from else None
+    parent_fp = start_fingerprint(config)
     for stage in config.run.stages:
         if stage == "benchmark":
             continue
@@ -110,40 +124,25 @@ def refuse_changed_stages(config: EffrunConfig, run_dir: Path) -> None:
         parent_fp = fp
 
 
-def init_fingerprint(config: EffrunConfig) -> str:
-    return fingerprint({"init_from": str(config.run.init_from)})
-
-
 def stage_dir_for(run_dir: Path, stage: str) -> Path:
     return run_dir / f"{STAGE_ORDER.index(stage) + 1:02d}_{stage}"
 
 
-def stage_config(config: EffrunConfig, stage: str) -> dict:
-    """The part of the config a stage's result depends on (its resume fingerprint)."""
-    c = OmegaConf.to_container(config.raw, resolve=True)
-    common = {"train": c["train"], "optimizer": c["optimizer"],
-              "augmentation": c["augmentation"], "precision": c["hardware"]["precision"],
-              "seed": c["seed"], "dataset": c["dataset"]}
-    if stage == "train":
-        return {**common, "model": c["model"], "init_from": c.get("init_from")}
-    if stage == "benchmark":
-        return {"benchmark": c["benchmark"], "hardware": c["hardware"], "dataset": c["dataset"]}
-    return {**common, "compression": c["compression"][stage]}
-
-
-def fingerprint(obj: dict) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def initial_record(config: EffrunConfig) -> ModelRecord:
-    meta = artifacts.read_meta(Path(config.run.init_from), trusted=config.run.trust_artifact)
-    return ModelRecord(stage=f"init:{meta['stage']}", artifact=Path(config.run.init_from),
+    """The model init_from or resume_from gives; read like any artifact from elsewhere."""
+    if config.run.resume_from:
+        sdir, info = records.resumed_stage(Path(config.run.resume_from), verify=False)
+        path, fp = sdir / info["artifact"], info["fingerprint"]
+    else:
+        path, fp = Path(config.run.init_from), init_fingerprint(config)
+    meta = artifacts.read_meta(path, trusted=config.run.trust_artifact)
+    return ModelRecord(stage=f"init:{meta['stage']}", artifact=path,
                        model_config=meta["model_config"], num_classes=meta["num_classes"],
-                       fingerprint=init_fingerprint(config))
+                       fingerprint=fp)
 
 
 def run_model_stage(config: EffrunConfig, stage: str, run_dir: Path, data: DataSplits,
-                    parent: ModelRecord | None) -> ModelRecord:
+                    parent: ModelRecord | None, tracker: Tracker | None = None) -> ModelRecord:
     sdir = stage_dir_for(run_dir, stage)
     scfg = stage_config(config, stage)
     fp = fingerprint({"stage": scfg, "parent": parent.fingerprint if parent else None})
@@ -151,8 +150,22 @@ def run_model_stage(config: EffrunConfig, stage: str, run_dir: Path, data: DataS
     if done is not None:
         log.info("%s: already finished in %s, not run again", stage, sdir)
         return done
+    with stage_cache.claim(config.run.cache, stage, fp) as entry:  # other jobs wait here
+        cached = entry.restore(sdir, parent) if entry else None
+        if cached is not None:
+            return cached
+        record = compute_model_stage(config, stage, sdir, data, parent, scfg, fp, tracker)
+        if entry:
+            entry.store(sdir)
+        return record
+
+
+def compute_model_stage(config: EffrunConfig, stage: str, sdir: Path, data: DataSplits,
+                        parent: ModelRecord | None, scfg: dict, fp: str,
+                        tracker: Tracker | None) -> ModelRecord:
     started, t0 = artifacts.now_iso(), time.perf_counter()
-    inputs = stage_inputs(config, stage, sdir, data, parent=parent, fingerprint=fp)
+    inputs = stage_inputs(config, stage, sdir, data, parent=parent, fingerprint=fp,
+                          tracker=tracker)
     sdir.mkdir(parents=True, exist_ok=True)
     model = parent_model(config, data, parent)
     if stage == "train":

@@ -4,6 +4,8 @@ stage.json is written last and marks its stage finished; it holds the stage's co
 fingerprint and the sha256 of every output a later run relies on. A finished stage is reused
 only when its fingerprint matches and those outputs are there unchanged; otherwise it runs
 again, after one warning line saying why (a finished stage of another config is refused).
+resume_from reads another run's finished stage the same way, but only reads: a damaged one is
+refused in one line.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from effrun import artifacts
 from effrun.errors import EffrunError
+from effrun.schema import STAGE_ORDER
 from effrun.stage import ModelRecord
 
 log = logging.getLogger("effrun")
@@ -67,6 +72,67 @@ def write_stage_json(sdir: Path, *, stage, fp, scfg, parent, started, seconds, a
         "started": started, "finished": artifacts.now_iso(), "seconds": round(seconds, 3),
         "versions": artifacts.versions(), "git_sha": artifacts.git_sha(),
     }, sdir / "stage.json")
+
+
+def resume_stages(config) -> None:
+    """resume_from (of a validated EffrunConfig): check the stage it names (intact, made with
+    the same model) and keep only the configured stages after it."""
+    if config.run.resume_from is None:
+        return
+    where = f"resume_from={config.run.resume_from}"
+    sdir, info = resumed_stage(Path(config.run.resume_from))
+    refuse_other_model(where, sdir.parent, OmegaConf.to_container(config.raw.model, resolve=True))
+    later = [s for s in config.run.stages
+             if STAGE_ORDER.index(s) > STAGE_ORDER.index(info["stage"])]
+    if not later:
+        raise EffrunError(f"{where} holds a finished {info['stage']!r} stage and no stage of "
+                          f"{config.run.stages} comes after it")
+    log.info("resume_from: %s (%s) continues with %s", sdir, info["stage"], later)
+    config.run.stages = later
+
+
+def resumed_stage(path: Path, verify: bool = True) -> tuple[Path, dict]:
+    """resume_from: (stage dir, its stage.json) of a finished model stage dir, or of a run dir's
+    last finished model stage. With `verify`, every output stage.json records must be there
+    unchanged. Read only: a damaged stage is one line, never repaired (it is another run's)."""
+    where = f"resume_from={path}"
+    path = Path(path)
+    if not path.is_dir():
+        raise EffrunError(f"{where}: no such directory (give a run dir or a stage dir in it)")
+    sdir = path
+    if not (path / "stage.json").is_file():  # a run dir: its last finished model stage
+        dirs = [path / f"{i + 1:02d}_{s}" for i, s in enumerate(STAGE_ORDER) if s != "benchmark"]
+        finished = [d for d in dirs if (d / "stage.json").is_file()]
+        if not finished:
+            raise EffrunError(f"{where}: no finished model stage in it (no NN_<stage>/stage.json)")
+        sdir = finished[-1]
+    info = _read_record(sdir / "stage.json")
+    if (info is None or info.get("status") != "finished" or not info.get("artifact")
+            or any(k not in info for k in ("stage", "fingerprint", "num_classes"))):
+        raise EffrunError(f"{where}: {_rel(sdir / 'stage.json')} is not the record of a "
+                          f"finished model stage")
+    for name, recorded in (info.get("sha256") or {}).items() if verify else ():
+        if not (sdir / name).is_file():
+            raise EffrunError(f"{where}: {_rel(sdir / name)} is missing")
+        if artifacts.sha256_file(sdir / name) != recorded:
+            raise EffrunError(f"{where}: {_rel(sdir / name)} changed since it was written")
+    return sdir, info
+
+
+def refuse_other_model(where: str, run_dir: Path, composed: dict) -> None:
+    """One line naming both models when the run that made a stage composed another model
+    than this config (only the keys that differ are shown)."""
+    try:
+        stored = artifacts.read_json(run_dir / "config.json")["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise EffrunError(f"{where}: {run_dir}/config.json is missing or holds no model: "
+                          f"not a run dir effrun wrote") from None
+    differ = sorted(k for k in stored.keys() | composed.keys() if stored.get(k) != composed.get(k))
+    if differ:
+        def show(model: dict) -> str:
+            return "{" + ", ".join(f"{k}: {model.get(k, '<absent>')}" for k in differ) + "}"
+        raise EffrunError(f"{where} holds model {show(stored)} but the config composes "
+                          f"{show(composed)}")
 
 
 def _finished_stage(sdir: Path, fp: str, *, refuse_other_config: bool,

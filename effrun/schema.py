@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from effrun.errors import ConfigError
+from effrun.tracking import NoTracking
 
 # The fixed order in which stages run, whatever order `stages` lists them in.
 STAGE_ORDER = ("train", "prune", "distill", "quantize", "benchmark")
@@ -51,6 +52,8 @@ SCHEMAS = {
     "compression/quantize": ("effrun.compression.quantize.int8_ptq.Int8PTQ",
                              "effrun.compression.quantize.int8_qat.Int8QAT",
                              "effrun.compression.quantize.int8_dynamic.Int8Dynamic"),
+    "tracking": ("effrun.tracking.NoTracking", "effrun.tracking.TensorBoard",
+                 "effrun.tracking.MLflow"),
 }
 
 
@@ -102,14 +105,29 @@ class BenchmarkConfig:
     warmup: int = 5
     iters: int = 30
     min_time_s: float = 0.5  # keep timing past `iters` until this long has passed
+    # A batch-1 p50 latency budget (ms) for a search: under the optuna sweeper with one
+    # objective, a trial over it scores -latency / budget instead of its top-1 (effrun.cli).
+    latency_budget_ms: Optional[float] = None
 
     def __post_init__(self) -> None:
+        if self.latency_budget_ms is not None and not self.latency_budget_ms > 0:
+            raise ValueError("benchmark.latency_budget_ms must be null or > 0 (milliseconds)")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ValueError("benchmark.batch_sizes must be a non-empty list of ints >= 1")
         if self.threads is not None and (not self.threads or min(self.threads) < 1):
             raise ValueError("benchmark.threads must be null or a non-empty list of ints >= 1")
         if self.iters < 1 or self.warmup < 0:
             raise ValueError("benchmark.iters must be >= 1 and benchmark.warmup >= 0")
+
+
+@dataclass
+class CacheConfig:
+    """The stage cache (effrun/cache.py): finished model stages reused across runs."""
+
+    enabled: bool = True
+    # A relative path is relative to the directory effrun is launched from; the tests point
+    # EFFRUN_STAGE_CACHE_DIR at a temp dir.
+    dir: str = "${oc.env:EFFRUN_STAGE_CACHE_DIR,outputs/cache}"
 
 
 @dataclass
@@ -122,6 +140,10 @@ class RunConfig:
     # scanned and any code in them refused; true loads them as they are (an AOTInductor
     # package runs a shared library from inside the file).
     trust_artifact: bool = False
+    # A finished stage dir (or a run dir: its last finished model stage) whose artifact the
+    # configured stages after it continue from; init_from instead trains from given weights.
+    resume_from: Optional[str] = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
@@ -131,6 +153,9 @@ class RunConfig:
         unknown = [s for s in self.stages if s not in STAGE_ORDER]
         if unknown:
             raise ValueError(f"stages: unknown stage {unknown[0]!r}; allowed: {list(STAGE_ORDER)}")
+        if self.init_from is not None and self.resume_from is not None:
+            raise ValueError("init_from and resume_from cannot both be set: init_from trains "
+                             "from given weights, resume_from continues after a finished stage")
         if len(set(self.stages)) != len(self.stages):
             raise ValueError(f"stages lists a stage twice: {self.stages}")
         self.stages = [s for s in STAGE_ORDER if s in self.stages]
@@ -207,6 +232,9 @@ class EffrunConfig:
     hardware: Any
     compression: dict[str, Any]  # "prune" / "distill" / "quantize" -> method instance, when chosen
     raw: DictConfig
+    # The tracking option (effrun.tracking); a config without the group (one written before
+    # it existed) tracks nothing.
+    tracking: Any = field(default_factory=NoTracking)
 
 
 def build_node(node: DictConfig, where: str) -> Any:
@@ -251,7 +279,7 @@ def validate(cfg: DictConfig) -> EffrunConfig:
         if node is None:
             raise ConfigError(f"config group {g!r} is missing: choose an option, e.g. {g}=...")
     root = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-            if k not in GROUPS and k != "compression"}
+            if k not in GROUPS and k not in ("compression", "tracking")}
     run = typed(RunConfig, root, "config")
     built = {g: build_node(node, g) for g, node in groups.items()}
     compression = {}
@@ -267,12 +295,15 @@ def validate(cfg: DictConfig) -> EffrunConfig:
             raise ConfigError(f"stage {stage!r} is listed but no method is chosen: "
                               f"set compression/{stage}=<method>")
     first_model_stage = next((s for s in run.stages if s != "benchmark"), None)
-    if first_model_stage not in (None, "train") and run.init_from is None:
+    given = run.init_from is not None or run.resume_from is not None  # a model to start from
+    if first_model_stage not in (None, "train") and not given:
         raise ConfigError(f"stages start at {first_model_stage!r} without training: "
                           f"add 'train' to stages or set init_from=<model artifact .pt>")
-    if run.stages == ["benchmark"] and run.init_from is None:
+    if run.stages == ["benchmark"] and not given:
         raise ConfigError("stages=[benchmark] needs a model: set init_from=<model artifact .pt>")
-    return EffrunConfig(run=run, compression=compression, raw=cfg, **built)
+    tracking = (build_node(cfg.tracking, "tracking") if cfg.get("tracking") is not None
+                else NoTracking())
+    return EffrunConfig(run=run, compression=compression, raw=cfg, tracking=tracking, **built)
 
 
 def _owner(cls: type, key: str) -> type:

@@ -55,6 +55,7 @@ from effrun.hardware import Hardware
 from effrun.measure import ModelFigures
 from effrun.models import model_config_dict
 from effrun.schema import TrainConfig
+from effrun.tracking import Tracker
 from effrun.train import LossFn, StepHook, fit
 
 log = logging.getLogger("effrun")
@@ -147,6 +148,8 @@ class StageInputs:
     fingerprint: str
     parent: ModelRecord | None = None
     model_config: dict = field(default_factory=dict)  # rebuilds the parent's architecture
+    # The run's tracking session: `fit` reports each epoch to it (a no-op without tracking).
+    tracker: Tracker = field(default_factory=Tracker)
 
     def fit(self, model: nn.Module, *, epochs: int | None = None, optimizer: Any = None,
             loss_fn: LossFn | None = None, after_step: StepHook | None = None,
@@ -159,13 +162,14 @@ class StageInputs:
         call in one stage: it names the checkpoint file.
         """
         train_cfg = dataclasses.replace(self.train, **train_overrides)
+        desc = self.stage if name == "checkpoint" else f"{self.stage}:{name}"
         return fit(model, self.data, hw=trainable_hardware(model, hw or self.hw), train=train_cfg,
                    optimizer=optimizer or self.optimizer,
                    augment=self.augmentation if augment == "default" else augment,
                    checkpoint=self.stage_dir / f"{name}.pt", seed=self.seed,
                    fingerprint=self.fingerprint, epochs=epochs, loss_fn=loss_fn,
-                   after_step=after_step,
-                   desc=self.stage if name == "checkpoint" else f"{self.stage}:{name}")
+                   after_step=after_step, desc=desc,
+                   on_epoch=lambda record: self.tracker.log_epoch(desc, record))
 
     def evaluate(self, model: nn.Module, split: str = "test", *, tta: str | None = None,
                  limit: int | None = None, hw: Hardware | None = None,
@@ -187,7 +191,8 @@ class StageInputs:
 
 
 def stage_inputs(config, stage: str, stage_dir: Path, data: DataSplits, *,
-                 parent: ModelRecord | None = None, fingerprint: str = "") -> StageInputs:
+                 parent: ModelRecord | None = None, fingerprint: str = "",
+                 tracker: Tracker | None = None) -> StageInputs:
     """The inputs of `stage` under a validated config (`effrun.schema.EffrunConfig`); the one
     place they are built: the pipeline, the tests and the scripts all call this."""
     return StageInputs(stage=stage, stage_dir=Path(stage_dir), data=data, hw=config.hardware,
@@ -195,4 +200,4 @@ def stage_inputs(config, stage: str, stage_dir: Path, data: DataSplits, *,
                        augmentation=config.augmentation, seed=config.run.seed,
                        fingerprint=fingerprint, parent=parent,
                        model_config=parent.model_config if parent else
-                       model_config_dict(config.model))
+                       model_config_dict(config.model), tracker=tracker or Tracker())

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # after_step(model, step, total_steps) runs after each optimizer step (e.g. gradual pruning).
 StepHook = Callable[[nn.Module, int, int], None]
+# on_epoch(record) runs after each finished epoch with its history record (e.g. a tracker).
+EpochHook = Callable[[dict], None]
 NAN_CHECK_EVERY = 25  # steps; checking every step would force a device sync per step
 
 
@@ -118,8 +120,11 @@ class LoopState:
 def fit(model: nn.Module, data: DataSplits, *, hw: Hardware, train: TrainConfig,
         optimizer: OptimizerBase, augment: Augmentation | None, checkpoint: Path, seed: int,
         fingerprint: str = "", epochs: int | None = None, loss_fn: LossFn | None = None,
-        after_step: StepHook | None = None, desc: str = "train") -> dict:
-    """Train `model` in place; returns {'history': [...], 'val_accuracy'?, 'test_accuracy'}."""
+        after_step: StepHook | None = None, desc: str = "train",
+        on_epoch: EpochHook | None = None) -> dict:
+    """Train `model` in place; returns {'history': [...], 'val_accuracy'?, 'test_accuracy'}.
+    `on_epoch` sees each epoch's record once it is checkpointed (not the epochs a resume
+    skips); it must not change it."""
     loop = _build_loop(hw.prepare(model), data, hw=hw, train=train, optimizer=optimizer,
                        augment=augment, checkpoint=checkpoint, seed=seed,
                        epochs=train.epochs if epochs is None else epochs, loss_fn=loss_fn,
@@ -134,6 +139,8 @@ def fit(model: nn.Module, data: DataSplits, *, hw: Hardware, train: TrainConfig,
                  epoch + 1, loop.epochs, record["train_loss"], record["train_accuracy"],
                  eval_note, record["images_per_s"], record["seconds"])
         save_checkpoint(loop, epoch, fingerprint)
+        if on_epoch is not None:
+            on_epoch(dict(record))  # a copy: the history stays the loop's own
     return _final_result(loop, data)
 
 
@@ -191,8 +198,10 @@ def _train_epoch(loop: LoopState, step_model: Callable, epoch: int) -> dict:
         seen += len(labels)
         if (i + 1) % NAN_CHECK_EVERY == 0 or i + 1 == loop.steps_per_epoch:
             _check_finite(loss_sum, loop.desc, epoch, i, loop.checkpoint)
+            # lr is a Python float (no sync): the schedule's current value, as timm shows it.
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
                             acc=f"{correct.item() / seen:.3f}",
+                            lr=f"{loop.optimizer.param_groups[0]['lr']:.2e}",
                             ips=f"{seen / (time.perf_counter() - t0):.0f}")
     bar.close()
     seconds = time.perf_counter() - t0

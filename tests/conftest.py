@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -49,11 +51,36 @@ def stage_ctx(tmp_path: Path, stage: str, overrides: list[str]):
 def smoke_run(tmp_path_factory) -> tuple[Path, list[dict]]:
     """One run of the smoke study, every stage (train → channel prune → KD → int8 PTQ →
     benchmark), shared by the tests that read a finished run: (run dir, summary records).
-    Tests must not change it; copy it first."""
+    Tests must not change it; copy it first. Under pytest-xdist the workers share one: the
+    first computes it while the others wait on a lock, then read its summary.json."""
     from effrun import pipeline
 
-    run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    return run_dir, pipeline.run(compose_cfg(["+experiment=smoke"]), run_dir)
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's temp root, shared by its workers
+    run_dir = root / "smoke-shared" / "run"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / "compute.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        summary = run_dir / "summary.json"
+        if summary.is_file():
+            return run_dir, json.loads(summary.read_text())["records"]
+        return run_dir, pipeline.run(compose_cfg(["+experiment=smoke"]), run_dir)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stage_cache_of_shared_runs(tmp_path_factory):
+    """The stage cache (cache.dir) of the session and module fixtures' runs: a temp dir, not
+    the repo's outputs/cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EFFRUN_STAGE_CACHE_DIR", str(tmp_path_factory.mktemp("stage-cache")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _stage_cache(tmp_path_factory, monkeypatch):
+    # Each test gets an empty stage cache: it computes what it runs, unless it reuses on purpose.
+    monkeypatch.setenv("EFFRUN_STAGE_CACHE_DIR", str(tmp_path_factory.mktemp("stage-cache")))
 
 
 @pytest.fixture(autouse=True)
@@ -61,3 +88,14 @@ def _cache_dir(tmp_path_factory, monkeypatch):
     # Decoded-data caches of the tests stay out of the user's cache unless CI points elsewhere.
     if "EFFRUN_CACHE_DIR" not in os.environ:
         monkeypatch.setenv("EFFRUN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (pyproject's addopts: two workers), each worker computes with one
+    thread, so that two workers share the two cores instead of four threads fighting over them;
+    subprocesses a test starts inherit it."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch  # conftest's imports may have loaded it before the variable was set
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from effrun.models import Airbench
 from effrun.schema import SCHEMAS, ConfigError, build_node, load_option, validate
 
-GROUPS = ["dataset", "model", "optimizer", "augmentation", "hardware"]
+GROUPS = ["dataset", "model", "optimizer", "augmentation", "hardware", "tracking"]
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
@@ -151,7 +151,11 @@ CHANGED_BY_ISSUE_9 = {
           "train.lookahead_decay": "now per step: 0.95 (was 0.95**5 per 5-step update)",
           "dataset.cache_dir": "removed from synthetic data, which reads no cache",
           "trust_artifact": "new key (issue 10): load artifacts from elsewhere as they are",
-          "dataset.skip_bad_images": "new key (issue 10)"},
+          "dataset.skip_bad_images": "new key (issue 10)",
+          "tracking.*": "new key (issue 11): the tracking group, none by default",
+          "cache.*": "new keys (issue 11): the stage cache across runs",
+          "resume_from": "new key (issue 11): continue after a finished stage",
+          "benchmark.latency_budget_ms": "new key (issue 11): a search's latency budget"},
     "cifar10_airbench": {"optimizer.lr": "11.5 per 1024 examples (was 1.5 per step)",
                          "optimizer.weight_decay": "0.0153 per 1024 examples",
                          "model.head_scale": "1/9 exactly (was 0.111111111)"},

@@ -41,6 +41,8 @@ def test_multirun_reports_a_failed_job_and_finishes_the_others(tmp_path):
     assert res.returncode == 2, res.stderr[-2000:]
     assert "Traceback" not in res.stderr and "1 job(s) failed" in res.stderr
     sweep = next((tmp_path / "outputs" / "smoke" / "multirun").iterdir())
-    assert "train.epochs must be >= 0" in (sweep / "0" / "error.txt").read_text()
-    assert "train.epochs must be >= 0" in (sweep / "0" / "effrun.log").read_text()
-    assert (sweep / "1" / "summary.json").is_file() and not (sweep / "1" / "error.txt").exists()
+    failed, done = sorted(sweep.glob("[01]_*"))  # job dirs: <num>_<overrides>
+    assert failed.name.endswith("train.epochs=-1") and done.name.endswith("train.epochs=1")
+    assert "train.epochs must be >= 0" in (failed / "error.txt").read_text()
+    assert "train.epochs must be >= 0" in (failed / "effrun.log").read_text()
+    assert (done / "summary.json").is_file() and not (done / "error.txt").exists()

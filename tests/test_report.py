@@ -147,7 +147,7 @@ def test_mean_and_ci_over_three_seeds(tmp_path):
     assert single["accuracy"] == 0.5 and single["accuracy_ci"] is None
     report([tmp_path], tmp_path / "out")  # the plot draws the CIs as error bars
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "| lr=0.1 | train | 3 | 73.00 ± 6.57% | 1,000 | 1.0 KiB | 3.000 ± 2.484 |" in md
+    assert "| lr=0.1 | train | 3 | 73.00 ± 6.57% | – | 1,000 | 1.0 KiB | 3.000 ± 2.484 |" in md
 
 
 def test_t_quantile_beyond_table():
@@ -223,3 +223,49 @@ def test_console_script_help():
         pytest.skip("effrun-report is not installed (pip install -e .)")
     done = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "usage: effrun-report" in done.stdout
+
+
+def test_delta_against_parent_is_paired_within_each_run(tmp_path):
+    """The prune stage loses exactly 2 points in every seed while the seeds' accuracies spread
+    widely: the paired delta is -2 pp with a tiny interval (not noise); quantize's changes of
+    +0.5/-0.5/+0.1 pp are noise."""
+    trains = [0.70, 0.80, 0.75]
+    for seed, (acc, q) in enumerate(zip(trains, (0.005, -0.005, 0.001), strict=True)):
+        prune = acc - 0.02 + 1e-4 * seed
+        make_run(tmp_path / f"s{seed}", [f"seed={seed}"], seed=seed,
+                 records=[record("train", acc, 2.0, 1000), record("prune", prune, 1.5, 500),
+                          record("quantize", prune + q, 1.0, 250)])
+    rows = {r["stage"]: r for r in aggregate(collect([tmp_path]))}
+    assert rows["train"]["delta_accuracy"] is None and rows["train"]["delta_accuracy_noise"] is None
+    assert rows["prune"]["delta_accuracy"] == pytest.approx(-0.0199)
+    assert rows["prune"]["delta_accuracy_ci"] == pytest.approx(4.303 * 1e-4 / math.sqrt(3))
+    assert rows["prune"]["delta_accuracy_noise"] is False
+    assert rows["prune"]["accuracy_ci"] > 0.1  # unpaired, the seeds' spread would hide it
+    assert rows["quantize"]["delta_accuracy_noise"] is True
+    report([tmp_path], tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| prune | 3 | 73.01 ± 12.43% | -1.99 ± 0.02 pp |" in md
+    assert " pp (noise) |" in md.split("| quantize |")[1].splitlines()[0]
+
+
+def test_callback_reports_a_run_and_a_sweep(tmp_path):
+    """The Hydra callback config.yaml installs: a finished run gets its report in its own dir,
+    a failed one (no summary.json) none; a multirun gets one over all its jobs."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from effrun.schema import config_dir
+
+    root = OmegaConf.load(Path(config_dir()) / "config.yaml")
+    callback = instantiate(root.hydra.callbacks.report)
+    run = make_run(tmp_path / "run", [])
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    for path in (run, failed):
+        done = OmegaConf.create({"hydra": {"runtime": {"output_dir": str(path)}}})
+        callback.on_run_end(OmegaConf.create({}), job_return=type("R", (), {"hydra_cfg": done}))
+    assert (run / "report.html").is_file() and not (failed / "report.html").exists()
+    sweep = make_sweep(tmp_path / "s")
+    callback.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    with open(sweep / "report.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6

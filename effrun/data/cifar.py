@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-import torchvision
 
 from effrun.data.image_tree import load_tree_splits
 from effrun.data.splits import DataSplits, ImageTreeBase
@@ -87,6 +86,8 @@ class CIFAR10Data(_CIFARBase):
     default_root: ClassVar[str] = "data/cifar10"
 
     def _torchvision_class(self) -> type:
+        import torchvision  # imported where used: it takes seconds (ops import torch._dynamo)
+
         return torchvision.datasets.CIFAR10
 
 
@@ -99,4 +100,6 @@ class CIFAR100Data(_CIFARBase):
     default_root: ClassVar[str] = "data/cifar100"
 
     def _torchvision_class(self) -> type:
+        import torchvision
+
         return torchvision.datasets.CIFAR100

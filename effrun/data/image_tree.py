@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_image, read_file
 from tqdm import tqdm
 
 from effrun.data.splits import DataSplits
@@ -82,6 +81,9 @@ def decode_file(path: Path, image_size: int | None = None) -> torch.Tensor:
     """One image as uint8 [3, H, W] RGB (grey, alpha and palettes converted), optionally resized
     to image_size x image_size with antialiased bilinear filtering."""
     if path.suffix.lower() in _NATIVE_EXTENSIONS:
+        # imported where used: torchvision takes seconds to import (its ops import torch._dynamo)
+        from torchvision.io import ImageReadMode, decode_image, read_file
+
         image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
         if image.dim() == 4:  # animated GIF: keep the first frame
             image = image[0]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-import torchvision
 from torch import nn
 
 
 def check_torchvision_name(name: str) -> None:
+    import torchvision  # imported where used: it takes seconds (its ops import torch._dynamo)
+
     known = torchvision.models.list_models()
     if name in known:
         return
@@ -57,6 +58,8 @@ class TorchvisionModel:
 
     def build(self, num_classes: int, in_channels: int = 3) -> nn.Module:
         check_torchvision_name(self.name)
+        import torchvision
+
         model = torchvision.models.get_model(self.name, weights=None, num_classes=num_classes)
         if in_channels != 3:
             replace_input_conv(model, in_channels)

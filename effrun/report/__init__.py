@@ -3,7 +3,10 @@
 collect(paths)  one row per stage per run: the run dir, its seed, the swept values (override keys
                 whose values differ between the runs collected) and the stage's figures.
 aggregate(rows) rows that differ only in seed become one: the mean, and a 95% confidence
-                interval half-width (Student's t) in `<figure>_ci` when n >= 2.
+                interval half-width (Student's t) in `<figure>_ci` when n >= 2. Each stage's
+                accuracy delta against its parent stage (the run's previous stage) is paired
+                within each run, so the interval is that of the delta, not of two accuracies;
+                `delta_accuracy_noise` says when it contains 0.
 pareto(rows)    which rows no other row beats on both accuracy (up) and batch-1 latency (down).
 main()          writes report.csv, report.md, pareto.png, report.html and prints a rich table.
 """
@@ -19,8 +22,9 @@ from pathlib import Path
 
 PROG = "effrun-report"
 LABEL_KEYS = 4  # a point's label names at most this many swept keys (the csv has them all)
-FIGURES = ("accuracy", "params", "flops", "weight_bytes", "file_bytes", "latency_ms_p50_bs1",
-           "latency_ms_p50_bs_max", "throughput_ips", "peak_memory_bytes", "sparsity")
+FIGURES = ("accuracy", "delta_accuracy", "params", "flops", "weight_bytes", "file_bytes",
+           "latency_ms_p50_bs1", "latency_ms_p50_bs_max", "throughput_ips", "peak_memory_bytes",
+           "sparsity")
 # Two-sided 95% Student's t quantiles (t_0.975) by degrees of freedom.
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
         9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120,
@@ -106,11 +110,16 @@ def collect(paths) -> list[dict]:
                 labels[i] = ", ".join(filter(None, (name, label)))
     rows = []
     for (run_dir, summary, config, _), vals, label in zip(runs, values, labels, strict=True):
+        parent_accuracy = None  # a run's records are its stages in order: each one's parent
         for rec in summary.get("records") or []:
             row = {"name": summary.get("name") or config.get("name"), "run_dir": str(run_dir),
                    "seed": config.get("seed"), "label": label or str(summary.get("name") or ""),
                    "swept": vals}
             row.update({k: v for k, v in rec.items() if k not in row})
+            accuracy = rec.get("accuracy")
+            row["delta_accuracy"] = (accuracy - parent_accuracy if None not in
+                                     (accuracy, parent_accuracy) else None)
+            parent_accuracy = accuracy
             rows.append(row)
     return rows
 
@@ -186,6 +195,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
             agg[fig] = (vals[0] if len(vals) == 1 else statistics.fmean(vals)) if vals else None
             agg[f"{fig}_ci"] = (t975(len(vals) - 1) * statistics.stdev(vals) / math.sqrt(len(vals))
                                 if len(vals) >= 2 else None)
+        delta, ci = agg["delta_accuracy"], agg["delta_accuracy_ci"]
+        # Within noise: the 95% interval of the paired delta contains 0 (unknown with one seed).
+        agg["delta_accuracy_noise"] = None if ci is None else abs(delta) <= ci
         out.append(agg)
     return out
 

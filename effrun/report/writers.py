@@ -10,10 +10,12 @@ from pathlib import Path
 from effrun.report import FIGURES, latency
 
 COLUMNS = ("label", "name", "stage", "n", "seeds", "pareto", *(
-    c for f in FIGURES for c in (f, f"{f}_ci")), "latency_mode", "bs_max", "run_dirs")
+    c for f in FIGURES for c in (f, f"{f}_ci")), "delta_accuracy_noise", "latency_mode",
+    "bs_max", "run_dirs")
 # (key, header, kind) of the human-facing tables (md, html, terminal).
 SHOWN = (("label", "run", "str"), ("stage", "stage", "str"), ("n", "n", "int"),
-         ("accuracy", "top-1", "pct"), ("params", "params", "count"),
+         ("accuracy", "top-1", "pct"), ("delta_accuracy", "Δ top-1 vs parent", "pp"),
+         ("params", "params", "count"),
          ("weight_bytes", "weights", "bytes"), ("latency_ms_p50_bs1", "ms bs 1", "ms"),
          ("latency_ms_p50_bs_max", "ms bs max", "ms"), ("throughput_ips", "img/s bs max", "int"))
 
@@ -49,13 +51,17 @@ def fmt(row: dict, key: str, kind: str) -> str:
         kind = "M" if v >= 1e5 else "int"
     if kind == "bytes":
         kind = "MiB" if v >= 2**17 else "KiB"
-    scale, spec, unit = {"pct": (100, ".2f", "%"), "M": (1e-6, ".2f", "M"),
+    scale, spec, unit = {"pct": (100, ".2f", "%"), "pp": (100, "+.2f", " pp"),
+                         "M": (1e-6, ".2f", "M"),
                          "MiB": (2**-20, ".2f", " MiB"), "KiB": (2**-10, ".1f", " KiB"),
                          "ms": (1, ".3f", ""), "int": (1, ",.0f", "")}[kind]
     text = f"{v * scale:{spec}}"
     if ci:  # none for one seed; a figure every seed shares (params, bytes) shows no ± 0
-        text += f" ± {ci * scale:{spec}}"
-    return text + unit
+        text += f" ± {ci * scale:{spec.lstrip('+')}}"
+    text += unit
+    if kind == "pp" and row.get(f"{key}_noise"):
+        text += " (noise)"
+    return text
 
 
 def _mark(row: dict) -> str:
@@ -69,7 +75,9 @@ def write_md(rows: list[dict], path: Path) -> None:
         cells = [_mark(r)] + [fmt(r, key, kind).replace("|", "\\|") for key, _, kind in SHOWN]
         lines.append("| " + " | ".join(cells) + " |")
     note = ("\n★ = on the Pareto front (accuracy up, batch-1 latency down). With repeated seeds "
-            "a figure is the mean ± the 95% confidence interval half-width (Student's t).\n")
+            "a figure is the mean ± the 95% confidence interval half-width (Student's t); "
+            "Δ top-1 is each stage's accuracy minus its parent stage's in the same run, and "
+            "(noise) marks a delta whose interval contains 0.\n")
     path.write_text("\n".join(lines) + "\n" + note)
 
 
@@ -98,8 +106,9 @@ def write_png(rows: list[dict], path: Path) -> None:
                         ecolor="grey", capsize=3, zorder=1)
         ax.scatter(x, y, s=size, alpha=0.6, zorder=2,
                    color="tab:red" if r.get("pareto") else "tab:blue", edgecolors="black")
+    for r, (x, y), k in zip(pts, _points(pts), _label_rows(_points(pts)), strict=True):
         text = f"{r['label']} · {r['stage']}" if r.get("label") else r["stage"]
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=7)
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, 6 + 9 * k), fontsize=7)
     front = sorted((latency(r), 100 * r["accuracy"]) for r in pts if r.get("pareto"))
     if front:
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red",
@@ -108,6 +117,12 @@ def write_png(rows: list[dict], path: Path) -> None:
     lats = [latency(r) for r in pts]
     if lats and min(lats) > 0 and max(lats) / min(lats) > 20:
         ax.set_xscale("log")
+    elif pts:
+        # The axes follow the points, not the error bars: with two seeds a 95% interval can
+        # span more than the whole plot (t = 12.7); its bars then run off the edge.
+        ax.set_xlim(*_padded([x for x, _ in _points(pts)], floor=0.0))
+    if pts:
+        ax.set_ylim(*_padded([y for _, y in _points(pts)], floor=0.0, ceiling=100.0))
     ax.set_xlabel("latency, ms p50 at batch 1 (largest batch where batch 1 is missing)")
     ax.set_ylabel("top-1 accuracy, %")
     ax.set_title("accuracy vs latency (marker size = deployed bytes)")
@@ -117,6 +132,29 @@ def write_png(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
+
+
+def _points(rows: list[dict]) -> list[tuple[float, float]]:
+    return [(latency(r), 100 * r["accuracy"]) for r in rows]
+
+
+def _label_rows(points: list[tuple[float, float]]) -> list[int]:
+    """Per point, how many earlier points lie close enough that their labels would overlap
+    (within 4% of the axis spans): its label is raised by that many lines."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    span_x = (max(xs) - min(xs)) or 1.0 if xs else 1.0
+    span_y = (max(ys) - min(ys)) or 1.0 if ys else 1.0
+    return [sum(abs(x - px) < 0.04 * span_x and abs(y - py) < 0.04 * span_y
+                for px, py in points[:i]) for i, (x, y) in enumerate(points)]
+
+
+def _padded(values: list[float], floor: float | None = None,
+            ceiling: float | None = None) -> tuple[float, float]:
+    """Axis limits around `values` with room for labels, kept within [floor, ceiling]."""
+    lo, hi = min(values), max(values)
+    pad = 0.15 * (hi - lo) or 0.1 * abs(hi) or 1.0
+    lo, hi = lo - pad, hi + 2 * pad  # labels sit above their points
+    return (lo if floor is None else max(floor, lo), hi if ceiling is None else min(ceiling, hi))
 
 
 SORT_JS = """
@@ -152,13 +190,16 @@ def write_html(rows: list[dict], path: Path, png: Path) -> None:
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>effrun report</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px}} th{{cursor:pointer;background:#eee}}
+td,th{{border:1px solid #ccc;padding:4px 8px;white-space:nowrap}}
+th{{cursor:pointer;background:#eee}}
 td[data-v]{{text-align:right}} th[data-dir=asc]::after{{content:" ▲"}}
 th[data-dir=desc]::after{{content:" ▼"}}</style></head>
 <body><h1>effrun report</h1>
 <img alt="accuracy vs latency" src="data:image/png;base64,{image}">
 <p>★ = on the Pareto front (accuracy up, batch-1 latency down); with repeated seeds a figure is
-the mean ± the 95% confidence interval half-width. Click a header to sort.</p>
+the mean ± the 95% confidence interval half-width. Δ top-1 is each stage's accuracy minus its
+parent stage's in the same run; (noise) marks a delta whose interval contains 0. Click a header
+to sort.</p>
 <table><thead>{head}</tr></thead><tbody>
 {chr(10).join(body)}
 </tbody></table>

@@ -1,0 +1,63 @@
+"""What a stage's result depends on, as a key: its fingerprint.
+
+One key serves resuming (a finished stage in the run dir with the same fingerprint is not run
+again, effrun/records.py) and the stage cache (effrun/cache.py). A stage's key hashes the part
+of the resolved config its result depends on (`stage_config`) chained with its parent's key,
+so changing a compression setting changes that stage's key and every later one, not train's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from effrun import artifacts, records
+
+
+def fingerprint(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_config(config, stage: str) -> dict:
+    """The part of the config a stage's result depends on: its fingerprint, for resuming and as
+    its stage-cache key. Only what changes the result: the device type and the resolved precision
+    (`auto` differs by machine), not where files live (dataset.cache_dir), whether to download,
+    or how fast it runs (compile, threads, memory format). Files (init_from, a teacher) count
+    by content: init_from through the parent fingerprint, a teacher by its sha256."""
+    c = OmegaConf.to_container(config.raw, resolve=True)
+    dataset = {k: v for k, v in c["dataset"].items() if k not in ("cache_dir", "download")}
+    common = {"train": c["train"], "optimizer": c["optimizer"],
+              "augmentation": c["augmentation"], "precision": config.hardware.resolved_precision,
+              "device": config.hardware.torch_device.type, "seed": c["seed"], "dataset": dataset}
+    if stage == "train":
+        return {**common, "model": c["model"]}
+    if stage == "benchmark":
+        return {"benchmark": c["benchmark"], "hardware": c["hardware"], "dataset": c["dataset"]}
+    method = dict(c["compression"][stage])
+    if method.get("teacher"):
+        method["teacher"] = content_id(method["teacher"])
+    return {**common, "compression": method}
+
+
+def start_fingerprint(config) -> str | None:
+    """The fingerprint the first stage chains to: init_from's content, resume_from's stored
+    fingerprint (so the stages after it key as in a run that made them all), or None."""
+    if config.run.resume_from:
+        return records.resumed_stage(Path(config.run.resume_from), verify=False)[1]["fingerprint"]
+    return init_fingerprint(config) if config.run.init_from else None
+
+
+def init_fingerprint(config) -> str:
+    return fingerprint({"init_from": content_id(config.run.init_from)})
+
+
+def content_id(path: str) -> str:
+    """A file named in the config, by content (sha256): the same weights key the same in any
+    folder, on any machine; by path while it cannot be read (reading it fails later)."""
+    try:
+        return "sha256:" + artifacts.sha256_file(Path(path))
+    except OSError:
+        return f"path:{path}"
