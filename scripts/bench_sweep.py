@@ -12,8 +12,10 @@ repeats) against the floor the stages' own times set (one train + one prune per 
 a train + prune per point, from the uncached runs' stage.json seconds: what a cache with no
 overhead would give), and whether every stage's accuracy (and params, FLOPs) is identical in
 both modes.
-Default config: the smoke study with 10 training epochs, so that training dominates the sweep
-as it does in real studies.
+Default config: the smoke study with 20 training epochs, so that training dominates the sweep
+as it does in real studies (a baseline of tens of epochs, a short fine-tune per point). One
+untimed run first warms the process up (imports, allocator, first-call costs), so that the first
+timed sweep does not pay them.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 from effrun import pipeline
 from effrun.schema import compose
 
-BASE = ["+experiment=smoke", "stages=[train,prune]", "train.epochs=10"]
+BASE = ["+experiment=smoke", "stages=[train,prune]", "train.epochs=20"]
 FIGURES = ("accuracy", "params", "flops")
 
 
@@ -68,6 +70,7 @@ def main() -> None:
     times: dict[bool, list[float]] = {True: [], False: []}
     reference, differences, floors = None, [], []
     with tempfile.TemporaryDirectory(prefix="bench_sweep_") as tmp:
+        sweep(Path(tmp) / "warmup", False, args.points[:1], [*args.overrides, "train.epochs=1"])
         for rep in range(args.repeats):
             for cached in ((True, False) if rep % 2 == 0 else (False, True)):
                 work = Path(tmp) / f"rep{rep}_{'cached' if cached else 'uncached'}"
