@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from effrun import artifacts, records
+from effrun.export import EXPORT_STAGES
 
 
 def fingerprint(obj: dict) -> str:
@@ -32,10 +33,15 @@ def stage_config(config, stage: str) -> dict:
     common = {"train": c["train"], "optimizer": c["optimizer"],
               "augmentation": c["augmentation"], "precision": config.hardware.resolved_precision,
               "device": config.hardware.torch_device.type, "seed": c["seed"], "dataset": dataset}
-    if stage == "train":
-        return {**common, "model": c["model"]}
     if stage == "benchmark":
         return {"benchmark": c["benchmark"], "hardware": c["hardware"], "dataset": c["dataset"]}
+    if config.run.export and stage in EXPORT_STAGES:
+        # The exported files are part of the stage's outputs: a stage finished (or cached)
+        # without them must not stand in for one that writes them. Only when set, so every
+        # key made before the key existed stays the same.
+        common["export"] = sorted(config.run.export)
+    if stage == "train":
+        return {**common, "model": c["model"]}
     method = dict(c["compression"][stage])
     if method.get("teacher"):
         method["teacher"] = content_id(method["teacher"])

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from effrun import artifacts, records
+from effrun import artifacts, export, records
 from effrun import cache as stage_cache
 from effrun import run_dir as run_dir_guard
 from effrun.benchmark import benchmark_models
@@ -186,6 +186,11 @@ def compute_model_stage(config: EffrunConfig, stage: str, sdir: Path, data: Data
         metrics["note"] = result.note
     log.info("%s: test accuracy %.4f, %d params, artifact %s", stage, result.accuracy,
              figures.params, artifact)
+    if config.run.export and stage in export.EXPORT_STAGES and not result.deploy.native:
+        shape = (int(data.train_x.shape[1]), *data.image_size)
+        metrics["exports"] = export.write_exports(result.model, sdir, config.run.export, shape)
+        for fmt, name in metrics["exports"].items():
+            log.info("%s: exported %s %s", stage, fmt, sdir / name)
     artifacts.write_json(metrics, sdir / "metrics.json")
     records.write_stage_json(sdir, stage=stage, fp=fp, scfg=scfg, parent=parent,
                              started=started, seconds=time.perf_counter() - t0,

@@ -26,7 +26,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from effrun.errors import ConfigError
+from effrun.errors import ConfigError, EffrunError
 from effrun.tracking import NoTracking
 
 # The fixed order in which stages run, whatever order `stages` lists them in.
@@ -146,8 +146,17 @@ class RunConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    # Deployment formats each float model stage also writes beside model.pt (effrun/export.py):
+    # onnx (model_fp32.onnx), openvino (model_openvino.xml/.bin); needs effrun[deploy].
+    export: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.export:
+            from effrun.export import check_formats
+            try:
+                check_formats(list(self.export))
+            except EffrunError as e:
+                raise ValueError(str(e)) from None
         if not self.stages:
             raise ValueError(f"stages must list at least one stage of {list(STAGE_ORDER)}, got []")
         unknown = [s for s in self.stages if s not in STAGE_ORDER]
