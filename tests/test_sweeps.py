@@ -149,6 +149,22 @@ def test_optuna_search_returns_the_summary_figures(tmp_path):
         assert trials[solution["params"]["optimizer.lr"]] == solution["values"], (solution, trials)
 
 
+def test_submitit_local_runs_two_jobs_and_lists_the_failed_one(tmp_path):
+    """submitit's local executor (the twin of submitit_slurm) really runs two jobs here, each in
+    its own process: the bad one is listed at the end (read from its error.txt, since it failed
+    in another process), the other finishes with a summary."""
+    code, out, err = finish(effrun(["-m", "hydra/launcher=submitit_local", *TINY,
+                                    "stages=[train]", "hardware.threads=1",
+                                    "train.epochs=-1,1"], cwd=tmp_path))
+    assert code == 2, err[-3000:]
+    assert "effrun: 1 job(s) failed:" in err and "train.epochs must be >= 0" in err, err[-3000:]
+    sweep = next((tmp_path / "outputs" / "smoke" / "multirun").iterdir())
+    failed, done = job_dirs(sweep)
+    assert (failed / "error.txt").is_file() and not (failed / "summary.json").exists()
+    assert json.loads((done / "summary.json").read_text())["records"][-1]["stage"] == "train"
+    assert any((sweep / ".submitit").rglob("*_result.pkl"))  # submitit ran them, not Hydra
+
+
 @pytest.mark.slow
 def test_submitit_local_runs_two_jobs_and_a_preempted_one_resumes(tmp_path):
     """Two jobs under submitit's local executor. Job 0 is preempted mid-training the way SLURM
