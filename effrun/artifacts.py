@@ -200,7 +200,8 @@ def read_model_file(path: Path) -> dict:
 # program) registers here; LOADER_MODULES names the package that registers a suffix, imported on
 # first use so that reading a .pt never pays for it.
 ARTIFACT_LOADERS: dict[str, Any] = {}
-LOADER_MODULES = {".pt2": "effrun.compression.quantize"}
+LOADER_MODULES = {".pt2": "effrun.compression.quantize", ".onnx": "effrun.compression.quantize",
+                  ".xml": "effrun.compression.quantize"}
 
 
 def _loader(path: Path):

@@ -1,31 +1,43 @@
-"""The benchmark stage: reload every model artifact of the run and measure it the same way.
+"""The benchmark stage: reload every model artifact of the run and measure it the same way, on
+every runtime it runs on (`benchmark.backends`: torch, onnxruntime, openvino).
 
-Accuracy comes from the reloaded artifact (so a broken save shows up here), latency from timed
-calls after warm-up at each batch size and thread count, eager and — with hardware.compile, or
-when the artifact's `Deployment` gives compile options — compiled, so the gain of compilation is
-visible. An artifact whose deployment names a reference (`compare_to`, e.g. int8 → its float
-parent) is timed against it point by point, and flagged where it is not faster or where the
-fused kernels it expects did not appear. How an artifact runs is read only from its
-`Deployment` (effrun/stage.py), never from other metadata keys.
+Accuracy comes from the reloaded artifact as deployed on each runtime (so a broken save or a
+bad export shows up here). Latency: at each thread count and batch size, every timed form —
+torch eager and compiled, each runtime's session, and the reference the artifact is compared
+against (`compare_to`, e.g. int8 → its float parent) on the same runtimes — is timed in
+interleaved rounds (effrun.measure.measure_interleaved) with the same intra-op threads, so
+ratios compare like with like under the same load. An artifact is flagged where the form a
+user deploys (compiled when it was compiled; a runtime's own session) is not faster than its
+reference on the same runtime, or where the fused kernels it expects did not appear. How an
+artifact runs is read only from its `Deployment` (effrun/stage.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from effrun.artifacts import load_model
-from effrun.compile import Compiled, compile_and_list_kernels
+from effrun.deployed import (
+    Deployed,
+    RuntimeFiles,
+    deploy_model,
+    deployed_hardware,
+    expected_kernels,
+    load_reference,
+    score,
+    score_batch,
+)
 from effrun.evaluate import evaluate
 from effrun.hardware import Hardware
 from effrun.measure import (
     artifact_size_bytes,
-    measure_latency,
+    measure_interleaved,
     model_figures,
     peak_memory_bytes,
     set_threads,
@@ -35,53 +47,49 @@ from effrun.stage import Deployment
 log = logging.getLogger("effrun")
 
 FIGURES = ("params", "flops", "weight_bytes")
-
-
-class Inference(nn.Module):
-    """A model as deployed: eval mode, the run's autocast precision, no autograd."""
-
-    def __init__(self, model: nn.Module, hw: Hardware, autocast: bool = True):
-        super().__init__()
-        self.model = model
-        # Resolved here, not in forward: under torch.compile, asking the hardware (which reads
-        # /proc/cpuinfo for `auto` precision) would be traced on every compilation.
-        self.device_type = hw.torch_device.type
-        self.dtype = hw.autocast_dtype if autocast else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dtype is None:
-            return self.model(x)
-        with torch.autocast(self.device_type, dtype=self.dtype):
-            return self.model(x)
+# Other runtimes take float32 contiguous CPU inputs and run their own numerics.
+RUNTIME_HW = Hardware(device="cpu", precision="fp32", channels_last=False)
 
 
 @dataclass
-class Deployed:
-    """A model made ready to run as its `Deployment` says: the eager form and every timed
-    variant ("eager", and "compiled" when hardware.compile or the deployment asks for it)."""
+class OnRuntimes:
+    """One model on every runtime it runs on: its torch deployment and its runtime files."""
 
-    deploy: Deployment
-    hw: Hardware  # the run's hardware, on the device the deployment asks for
-    eager: Inference
-    variants: dict[str, nn.Module]
+    torch: Deployed | None
+    files: dict[str, Path] = field(default_factory=dict)  # backend -> the file it loads
 
     @property
-    def scored(self) -> nn.Module:
-        """The form accuracy is scored on: an artifact that must be compiled to run as intended
-        (int8) is scored compiled (its eager form runs slow reference kernels with slightly
-        different rounding)."""
-        return self.variants["compiled"] if self.deploy.compile_options is not None else self.eager
+    def backends(self) -> list[str]:
+        return (["torch"] if self.torch is not None else []) + list(self.files)
+
+    def forms(self, runtimes: RuntimeFiles, threads: int) -> dict[tuple[str, str], nn.Module]:
+        """{(backend, mode): callable} of every timed form at `threads` threads."""
+        out = {("torch", mode): fn for mode, fn in (self.torch.variants.items()
+                                                   if self.torch is not None else ())}
+        for backend, path in self.files.items():
+            out[(backend, backend)] = runtimes.session(path, backend, threads)
+        return out
+
+    def example(self, backend: str, x: torch.Tensor) -> torch.Tensor:
+        return self.torch.example(x) if backend == "torch" else x.cpu()
+
+    def deployed_mode(self, backend: str) -> str:
+        return self.torch.deployed_mode if backend == "torch" else backend
 
 
-def benchmark_models(records, data, config) -> list[dict]:
-    """Benchmark every record's artifact; `config` is the validated config (effrun.schema)."""
+def benchmark_models(records, data, config, stage_dir: Path) -> list[dict]:
+    """Benchmark every record's artifact; `config` is the validated config (effrun.schema).
+    Float models that were not exported are exported into `stage_dir`/exports for the
+    non-torch runtimes."""
+    runtimes = RuntimeFiles(Path(stage_dir) / "exports",
+                            (int(data.train_x.shape[1]), *data.image_size))
     results = []
     for rec in records:
         log.info("benchmark: %s (%s)", rec.stage, rec.artifact)
         model, meta = load_model(rec.artifact, trusted=config.run.trust_artifact
                                  or not rec.stage.startswith("init:"))  # init_from: scanned
         deploy = own_reference(Deployment.from_meta(meta), records)
-        results.append(benchmark_one(model, deploy, rec, data, config))
+        results.append(benchmark_one(model, deploy, rec, data, config, runtimes))
     return results
 
 
@@ -100,29 +108,89 @@ def own_reference(deploy: Deployment, records) -> Deployment:
     return deploy
 
 
-def benchmark_one(model: nn.Module, deploy: Deployment, rec, data, config) -> dict:
-    """Accuracy, size and latency of one artifact, run as its `Deployment` says: its precision,
-    `compile_options` (also compiles without hardware.compile), `expected_kernels` (fused
-    kernels the compiled code must call, else a flag) and `compare_to` (a reference artifact
-    timed the same way, each ratio reported, slower points flagged)."""
+def benchmark_one(model: nn.Module, deploy: Deployment, rec, data, config,
+                  runtimes: RuntimeFiles) -> dict:
+    """Accuracy, size, latency and peak memory of one artifact on each runtime it runs on (its
+    own runtime first), and its ratios to its reference."""
     hw = deployed_hardware(config.hardware, deploy)
     figures = size_figures(model, rec, data)  # before the model is moved or compiled
-    target = deploy_model(model, deploy, hw)
+    target = on_runtimes(model, deploy, Path(rec.artifact), hw, config, runtimes)
     flags: list[str] = []
-    found = expected_kernels(target, data, config, flags)  # compiles at the eval shape
     out = {"stage": rec.stage, "artifact": str(rec.artifact),
-           "accuracy": score(target, data, config), **figures, "latency": [], "flags": flags}
-    if found is not None:
-        out["kernels_found"] = found
-    reference = load_reference(deploy, hw)
+           "backend": target.backends[0], **figures, "latency": [], "flags": flags}
+    if target.torch is not None:
+        found = expected_kernels(target.torch, score_batch(target.torch, data, config),
+                                 data.image_size, flags)  # compiles at the scoring shape
+        if found is not None:
+            out["kernels_found"] = found
+    out["backends"] = {b: runtime_figures(target, b, deploy, data, config, runtimes)
+                       for b in target.backends}
+    reference = reference_on_runtimes(deploy, hw, config, runtimes, target.backends)
     if reference is not None:
         out["vs_reference"] = {"artifact": deploy.compare_to, "points": []}
-    time_all(target, reference, data, config, out)
-    out["peak_memory_bytes"] = peak_memory(target, data, config)
-    out["precision"] = deploy.precision if deploy.native else hw.resolved_precision
+    time_all(target, reference, data, config, runtimes, out)
+    own = out["backends"][out["backend"]]
+    out.update(accuracy=own["accuracy"], precision=own["precision"],
+               peak_memory_bytes=own["peak_memory_bytes"])
     for flag in flags:
         log.warning("benchmark %s: %s", rec.stage, flag)
     return out
+
+
+def on_runtimes(model: nn.Module, deploy: Deployment, artifact: Path, hw: Hardware, config,
+                runtimes: RuntimeFiles) -> OnRuntimes:
+    """The forms of one model on the requested runtimes; the runtime an artifact was made for
+    is always included, also when not requested."""
+    wanted = list(config.run.benchmark.backends)
+    if deploy.backend is not None and deploy.backend not in wanted:
+        wanted.insert(0, deploy.backend)
+    files = {}
+    for backend in wanted:
+        if backend != "torch":
+            path = runtimes.file_for(artifact, model, deploy, backend)  # before the model moves
+            if path is not None:
+                files[backend] = path
+    if deploy.backend is None and "torch" in wanted:
+        return OnRuntimes(deploy_model(model, deploy, hw), files)
+    return OnRuntimes(None, files)
+
+
+def reference_on_runtimes(deploy: Deployment, hw: Hardware, config, runtimes: RuntimeFiles,
+                          backends: list[str]) -> OnRuntimes | None:
+    """The reference artifact on the runtimes its model runs on (a float parent: all)."""
+    loaded = load_reference(deploy, hw)
+    if loaded is None:
+        return None
+    ref_model, ref_torch = loaded
+    files = {b: path for b in backends if b != "torch"
+             and (path := runtimes.file_for(Path(deploy.compare_to), ref_model,
+                                            ref_torch.deploy, b)) is not None}
+    return OnRuntimes(ref_torch if "torch" in backends else None, files)
+
+
+def runtime_figures(target: OnRuntimes, backend: str, deploy: Deployment, data, config,
+                    runtimes: RuntimeFiles) -> dict:
+    """Top-1 (test split, the run's TTA), precision, peak memory and file of one runtime."""
+    bcfg = config.run.benchmark
+    threads = (bcfg.threads or [torch.get_num_threads()])[0]
+    big = torch.randn(max(bcfg.batch_sizes), 3, *data.image_size)
+    if backend == "torch":
+        deployed = target.torch
+        example = deployed.example(big)
+        with torch.inference_mode():
+            peak = peak_memory_bytes(lambda: deployed.scored(example),
+                                     device=deployed.hw.torch_device)
+        return {"accuracy": score(deployed, data, config), "peak_memory_bytes": peak,
+                "precision": (deploy.precision if deploy.native
+                              else deployed.hw.resolved_precision), "file": None}
+    session = runtimes.session(target.files[backend], backend, threads)
+    accuracy = evaluate(session, data.test_x, data.test_y, data, RUNTIME_HW,
+                        tta=config.run.train.tta,
+                        batch_size=min(config.run.train.eval_batch_size, len(data.test_y)))
+    return {"accuracy": accuracy["accuracy"],
+            "peak_memory_bytes": peak_memory_bytes(lambda: session(big)),
+            "precision": deploy.precision if deploy.native else "fp32",
+            "file": str(target.files[backend])}
 
 
 def size_figures(model: nn.Module, rec, data) -> dict:
@@ -137,138 +205,56 @@ def size_figures(model: nn.Module, rec, data) -> dict:
     return {**figures, "file_bytes": artifact_size_bytes(rec.artifact)}
 
 
-def deployed_hardware(hw: Hardware, deploy: Deployment) -> Hardware:
-    """The run's hardware, moved to the device the deployment must run on (x86 int8: the CPU,
-    also when the run trained on a GPU)."""
-    if deploy.device is None or deploy.device == hw.device:
-        return hw
-    return dataclasses.replace(hw, device=deploy.device)
-
-
-def deploy_model(model: nn.Module, deploy: Deployment, hw: Hardware) -> Deployed:
-    """Float models run as the run trains them (autocast precision, memory format); a native
-    one (int8) carries its own numerics and runs as it is, on the run's device."""
-    model = model.to(hw.torch_device) if deploy.native else hw.prepare(model)
-    model.eval()
-    eager = Inference(model, hw, autocast=not deploy.native)
-    if deploy.compile_options is not None:
-        # Deployed compiled only (int8: eager runs reference q/dq kernels no user deploys), so
-        # only the compiled form is timed and judged.
-        return Deployed(deploy, hw, eager,
-                        {"compiled": Compiled(eager, deploy.compile_options, dynamic=False)})
-    variants: dict[str, nn.Module] = {"eager": eager}
-    if hw.compile:
-        variants["compiled"] = Compiled(eager, {}, dynamic=False)
-    return Deployed(deploy, hw, eager, variants)
-
-
-def load_reference(deploy: Deployment, hw: Hardware) -> Deployed | None:
-    """The artifact this one is compared against, compiled with the same Inductor settings."""
-    path = deploy.compare_to
-    if not path:
-        return None
-    if not Path(path).exists():
-        log.warning("benchmark: reference artifact %s is gone; no comparison", path)
-        return None
-    ref_model, ref_meta = load_model(Path(path))  # named by the artifact's metadata: scanned
-    ref_deploy = dataclasses.replace(Deployment.from_meta(ref_meta),
-                                     compile_options=deploy.compile_options)
-    return deploy_model(ref_model, ref_deploy, hw)
-
-
-def eval_hardware(target: Deployed, hw: Hardware) -> Hardware:
-    """How inputs are fed: a native model takes them as they come (contiguous)."""
-    return dataclasses.replace(hw, channels_last=False) if target.deploy.native else hw
-
-
-def expected_kernels(target: Deployed, data, config, flags: list[str]) -> list[str] | None:
-    """The fused kernels the compiled form calls, when its deployment expects some (None when
-    it does not, or when nothing is compiled). Compiles at the evaluation batch shape, which
-    scoring then reuses; an empty list is flagged."""
-    pattern = target.deploy.expected_kernels
-    if "compiled" not in target.variants or not pattern:
-        return None
-    hw = target.hw
-    shape = (score_batch(target, data, config), 3, *data.image_size)
-    example = torch.randn(shape, device=hw.torch_device)
-    found = sorted(compile_and_list_kernels(target.variants["compiled"], example))
-    if not found:
-        flags.append(f"the compiled graph has none of the expected fused kernels ({pattern}): "
-                     f"it runs unfused reference ops")
-    return found
-
-
-def score_batch(target: Deployed, data, config) -> int:
-    """The evaluation batch: a model that must be compiled is scored at the largest benchmarked
-    batch (short last batch padded), so scoring and timing share one compiled graph."""
-    if target.deploy.compile_options is not None:
-        return max(config.run.benchmark.batch_sizes)
-    return min(config.run.train.eval_batch_size, len(data.test_y))
-
-
-def score(target: Deployed, data, config) -> float:
-    """Top-1 on the test split, as deployed (see `Deployed.scored`)."""
-    result = evaluate(target.scored, data.test_x, data.test_y, data,
-                      eval_hardware(target, target.hw), tta=config.run.train.tta,
-                      batch_size=score_batch(target, data, config),
-                      pad_last=target.deploy.compile_options is not None)
-    return result["accuracy"]
-
-
-def time_all(target: Deployed, reference: Deployed | None, data, config, out: dict) -> None:
-    """Every (threads, batch size, variant) point into out["latency"] (and the comparison)."""
-    bcfg, hw = config.run.benchmark, target.hw
+def time_all(target: OnRuntimes, reference: OnRuntimes | None, data, config,
+             runtimes: RuntimeFiles, out: dict) -> None:
+    """Every (threads, batch size, runtime, mode) point into out["latency"], and the ratios to
+    the reference into out["vs_reference"]: at each point all forms are timed interleaved."""
+    bcfg = config.run.benchmark
     for threads in bcfg.threads or [torch.get_num_threads()]:
         with set_threads(threads):
             for bs in bcfg.batch_sizes:
-                example = torch.randn(bs, 3, *data.image_size, device=hw.torch_device)
-                for mode in target.variants:
-                    time_point(target, reference, mode, example, threads, config, out)
+                x = torch.randn(bs, 3, *data.image_size)
+                forms, examples = {}, {}
+                for role, on in (("model", target), ("reference", reference)):
+                    for (backend, mode), fn in (on.forms(runtimes, threads).items()
+                                                if on is not None else ()):
+                        forms[(role, backend, mode)] = fn
+                        examples[(role, backend, mode)] = on.example(backend, x)
+                timed = measure_interleaved(forms, examples, warmup=bcfg.warmup,
+                                            iters=bcfg.iters, min_time_s=bcfg.min_time_s,
+                                            rounds=bcfg.rounds)
+                record_point(target, timed, threads, out)
 
 
-def time_point(target: Deployed, reference: Deployed | None, mode: str, example: torch.Tensor,
-               threads: int, config, out: dict) -> None:
-    """Time one variant at one (threads, batch) point; with a reference that has the same
-    variant, time it too and record the ratio (flagged when not faster)."""
-    bs = example.shape[0]
-    m = measure(target, mode, example, config)
-    out["latency"].append({"threads": threads, "mode": mode, **m})
-    log_point(mode, threads, bs, m)
-    if reference is None or mode not in reference.variants:
-        return
-    ref = measure(reference, mode, example, config)
-    ratio = m["latency_ms_p50"] / ref["latency_ms_p50"]
-    out["vs_reference"]["points"].append(
-        {"threads": threads, "batch_size": bs, "mode": mode, "ratio": ratio,
-         "latency_ms_p50": m["latency_ms_p50"], "reference_latency_ms_p50": ref["latency_ms_p50"]})
-    log.info("  %-8s threads=%d batch=%-4d reference p50 %.3f ms -> ratio %.3f",
-             mode, threads, bs, ref["latency_ms_p50"], ratio)
-    if ratio >= 1:
-        out["flags"].append(f"not faster than {out['vs_reference']['artifact']} ({mode}, "
-                            f"batch {bs}, {threads} threads): ratio {ratio:.2f}")
+def record_point(target: OnRuntimes, timed: dict, threads: int, out: dict) -> None:
+    """One (threads, batch) point's figures into `out`; a form the user deploys that is not
+    faster than the reference's same form is flagged."""
+    for (role, backend, mode), m in timed.items():
+        if role != "model":
+            continue
+        out["latency"].append({"threads": threads, "backend": backend, "mode": mode, **m})
+        log_point(backend, mode, threads, m)
+        ref = timed.get(("reference", backend, mode))
+        if ref is None:
+            continue
+        bs, ratio = m["batch_size"], m["latency_ms_p50"] / ref["latency_ms_p50"]
+        out["vs_reference"]["points"].append(
+            {"threads": threads, "batch_size": bs, "backend": backend, "mode": mode,
+             "ratio": ratio, "latency_ms_p50": m["latency_ms_p50"],
+             "reference_latency_ms_p50": ref["latency_ms_p50"]})
+        log.info("  %-22s threads=%d batch=%-4d reference p50 %.3f ms -> ratio %.3f",
+                 _form(backend, mode), threads, bs, ref["latency_ms_p50"], ratio)
+        if ratio >= 1 and mode == target.deployed_mode(backend):
+            out["flags"].append(f"not faster than {out['vs_reference']['artifact']} on "
+                                f"{_form(backend, mode)} (batch {bs}, {threads} threads): "
+                                f"ratio {ratio:.2f}")
 
 
-def measure(target: Deployed, mode: str, example: torch.Tensor, config) -> dict:
-    """Latency of one variant; float inputs come in the run's memory format."""
-    bcfg, hw = config.run.benchmark, target.hw
-    if not target.deploy.native:
-        example = example.contiguous(memory_format=hw.memory_format)
-    return measure_latency(target.variants[mode], example, warmup=bcfg.warmup, iters=bcfg.iters,
-                           min_time_s=bcfg.min_time_s, device=hw.torch_device)
+def _form(backend: str, mode: str) -> str:
+    return f"torch {mode}" if backend == "torch" else backend
 
 
-def peak_memory(target: Deployed, data, config) -> int | None:
-    """Peak memory of one forward, as deployed, at the largest benchmarked batch."""
-    hw = target.hw
-    example = torch.randn(max(config.run.benchmark.batch_sizes), 3, *data.image_size,
-                          device=hw.torch_device)
-    if not target.deploy.native:
-        example = example.contiguous(memory_format=hw.memory_format)
-    with torch.inference_mode():
-        return peak_memory_bytes(lambda: target.scored(example), device=hw.torch_device)
-
-
-def log_point(mode: str, threads: int, bs: int, m: dict) -> None:
-    log.info("  %-8s threads=%d batch=%-4d p50 %.3f ms  p90 %.3f  p99 %.3f  %.0f img/s", mode,
-             threads, bs, m["latency_ms_p50"], m["latency_ms_p90"], m["latency_ms_p99"],
-             m["throughput_ips"])
+def log_point(backend: str, mode: str, threads: int, m: dict) -> None:
+    log.info("  %-22s threads=%d batch=%-4d p50 %.3f ms  p90 %.3f  p99 %.3f  %.0f img/s",
+             _form(backend, mode), threads, m["batch_size"], m["latency_ms_p50"],
+             m["latency_ms_p90"], m["latency_ms_p99"], m["throughput_ips"])

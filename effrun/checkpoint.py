@@ -1,6 +1,9 @@
 """The training loop's checkpoints: written after every epoch, only while every weight and
 statistic is finite, the one before kept as <name>.prev.pt; resuming falls back to that one when
 the newest cannot be loaded, or starts over, saying which in one line.
+
+Under torchrun (effrun/distributed.py) rank 0 writes the checkpoints and every rank resumes
+from the same file; only rank 0 changes the files, once every rank has read them.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from effrun import distributed
 from effrun.artifacts import atomic_path, torch_save
 from effrun.errors import EffrunError, TrainingDiverged
 
@@ -37,17 +41,20 @@ def resume(loop: LoopState, fingerprint: str) -> None:
         prev = prev_checkpoint(ckpt)
         prev_state, prev_why = (_load_checkpoint(prev, loop.hw.torch_device) if prev.exists()
                                 else (None, "absent"))
+        distributed.barrier()  # every rank has read the files rank 0 changes next
         if prev_state is not None:
             _restore(loop, prev_state, fingerprint, prev)
             log.warning("%s: %s %s; resumed from the previous checkpoint %s after epoch "
                         "%d/%d", loop.desc, ckpt, why, prev.name, loop.start_epoch,
                         loop.epochs)
-            os.replace(prev, ckpt)  # the good one is the current one again
+            if distributed.is_main():
+                os.replace(prev, ckpt)  # the good one is the current one again
             return
         log.warning("%s: %s %s and no good previous checkpoint (%s %s): training this stage "
                     "again from the start", loop.desc, ckpt, why, prev.name, prev_why)
-        ckpt.unlink(missing_ok=True)
-        prev.unlink(missing_ok=True)
+        if distributed.is_main():
+            ckpt.unlink(missing_ok=True)
+            prev.unlink(missing_ok=True)
         return
     _restore(loop, state, fingerprint, ckpt)
     log.info("%s: resumed from %s after epoch %d/%d", loop.desc, loop.checkpoint,
@@ -103,7 +110,7 @@ def save(loop: LoopState, epoch: int, fingerprint: str) -> None:
     Written only when every parameter and float buffer (of the model, its EMA copy and the
     lookahead average) is finite; otherwise training stops and the last good checkpoint stays.
     The checkpoint it replaces is kept as <name>.prev.pt, the fallback when the newest one
-    turns out unreadable.
+    turns out unreadable. Every rank checks (their weights are the same); rank 0 writes.
     """
     on_cuda = loop.hw.torch_device.type == "cuda"
     state = {"fingerprint": fingerprint, "epoch": epoch + 1,
@@ -126,6 +133,8 @@ def save(loop: LoopState, epoch: int, fingerprint: str) -> None:
                                f"statistics tensors after epoch {epoch + 1} (first: {bad[0]}) "
                                f"although the loss stayed finite; lower optimizer.lr or use "
                                f"hardware.precision=fp32 ({kept})")
+    if not distributed.is_main():
+        return
     prev = prev_checkpoint(ckpt)
     if ckpt.exists():
         _keep_as(ckpt, prev)

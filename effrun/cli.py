@@ -10,6 +10,10 @@ run on; the command exits non-zero at the end, after one line per failed job. La
 jobs in other processes (joblib, submitit) cannot report back in memory, so the list comes from
 the sweep dir's error.txt files (the ListFailures callback says where the sweep went).
 
+Under torchrun (effrun/distributed.py) every rank runs this command: `main` joins the ranks
+before Hydra composes, so that they name one run dir from rank 0's clock (`effrun.now`), and
+only rank 0 logs to the run dir and reports errors (a rank's own error it reports too).
+
 Sweeps: job dirs are named `<job num>_<overrides>`; under hydra/launcher=joblib each job gets
 cores / n_jobs torch threads; under hydra/sweeper=optuna a job returns the objectives.
 """
@@ -32,6 +36,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from effrun import distributed
 from effrun.errors import ConfigError, EffrunError
 from effrun.schema import config_dir, register_schemas
 
@@ -69,8 +74,11 @@ def _main(cfg: DictConfig) -> dict | float | list[float] | None:
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    with contextlib.suppress(OSError):  # a rerun or requeued job starts clean
-        (run_dir / "error.txt").unlink(missing_ok=True)
+    if distributed.is_main():
+        with contextlib.suppress(OSError):  # a rerun or requeued job starts clean
+            (run_dir / "error.txt").unlink(missing_ok=True)
+    else:  # torchrun: rank 0 logs and reports for all
+        quiet_log()
     try:
         objectives = sweep_objectives(hydra_cfg)
         if objectives:
@@ -88,6 +96,8 @@ def _main(cfg: DictConfig) -> dict | float | list[float] | None:
         report_failure(run_dir, e)
         return None
     except KeyboardInterrupt as e:
+        if not distributed.is_main():  # torchrun stops the other ranks when one fails
+            raise
         what = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
         print(f"\neffrun: {what}; the last finished epoch is checkpointed. Resume with: effrun "
               f"<same overrides> hydra.run.dir={run_dir}", file=sys.stderr)
@@ -101,6 +111,11 @@ def report_failure(run_dir: Path, error: Exception) -> None:
     code = next(c for kind, c in EXIT_CODES.items() if isinstance(error, kind))
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     FAILURES.append(JobFailure(run_dir, message, code, multirun))
+    if not distributed.is_main():  # the exit code only: rank 0 reports what all ranks found
+        if not (isinstance(error, ConfigError) or getattr(error, "forwarded", False)):
+            rank = distributed.rank_and_world()[0]
+            print(f"effrun: error on rank {rank}: {message}", file=sys.stderr)
+        return
     print(f"effrun: error: {message}  (HYDRA_FULL_ERROR=1 shows the traceback)",
           file=sys.stderr)
     try:  # the exit code too: a job in another process reports back through this file only
@@ -122,6 +137,25 @@ def job_dir_name(num: int, overrides: str) -> str:
 
 # Registered on import: every process that runs jobs imports this module to unpickle the task.
 OmegaConf.register_new_resolver("effrun.job_dir", job_dir_name, replace=True)
+# The run dir's timestamp (configs/config.yaml): the same on every rank of a torchrun job.
+# Cached in the config like Hydra's own `now`: a job that a launcher runs in another process
+# (joblib, submitit) gets the config with the value its sweep dir was named from.
+OmegaConf.register_new_resolver(
+    "effrun.now", lambda pattern: distributed.started().strftime(pattern), replace=True,
+    use_cache=True)
+
+
+def quiet_log() -> None:
+    """A rank other than 0 logs nothing: rank 0 writes effrun.log and the console, and the
+    ranks run the same code (torchrun would show every line once per rank). An error of this
+    rank's own is still printed (report_failure), a bug's traceback too."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+        else:
+            handler.setLevel(logging.CRITICAL)
 
 
 def share_cores(cfg: DictConfig, hydra_cfg) -> None:
@@ -229,6 +263,7 @@ def main() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
     hydra_exit = 0
+    distributed.init()  # torchrun: join the other ranks; nothing without it
     try:
         _main()
     except Terminated:
@@ -237,6 +272,7 @@ def main() -> None:
         sys.exit(130)
     except SystemExit as e:  # Hydra reported an error of its own, e.g. the optuna sweeper's
         hydra_exit = e.code if isinstance(e.code, int) else 1  # when no trial completed
+    distributed.finish()
     failures = sweep_failures()
     if any(failure.multirun for failure in failures):
         print(f"effrun: {len(failures)} job(s) failed:", file=sys.stderr)

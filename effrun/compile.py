@@ -15,6 +15,9 @@ from torch import nn
 warnings.filterwarnings("ignore", message="To copy construct from a tensor",
                         category=UserWarning, module=r"torch\._inductor\.mkldnn_lowerings")
 
+# Inductor settings of every model compiled for inference (float and int8): freezing folds
+# BatchNorm into the convs, treats weights as constants and prepacks them for oneDNN.
+INFERENCE_OPTIONS = {"freezing": True}
 # Fused oneDNN int8 kernels as named in Inductor's generated code (Python or C++ wrapper).
 FUSED_INT8_OP = re.compile(r"(?:onednn\.|aoti_torch_cpu__)(q(?:conv|linear)\w*)")
 

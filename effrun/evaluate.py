@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effrun import distributed
 from effrun.data import BatchLoader, DataSplits
 from effrun.hardware import Hardware
 
@@ -46,10 +47,15 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: DataSplit
 
     `pad_last` pads a short last batch to `batch_size` (its extra outputs are dropped): a model
     compiled for one static batch shape then runs without compiling again for the remainder.
+    Under torchrun each rank scores every world-size-th image (`batch_size` per rank) and the
+    counts are summed over the ranks.
     """
     was_training = model.training
     model.eval()
     forward = hw.maybe_compile(model)
+    n = max(1, len(y))
+    rank, world = distributed.rank_and_world()
+    x, y = x[rank::world], y[rank::world]
     loader = BatchLoader(x, y, batch_size, mean=data.mean, std=data.std, device=hw.torch_device,
                          channels_last=hw.channels_last)
     correct = torch.zeros((), device=hw.torch_device)
@@ -66,5 +72,5 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: DataSplit
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
     model.train(was_training)
-    n = max(1, len(y))
+    correct, loss_sum = distributed.all_reduce_sum(correct, loss_sum)
     return {"accuracy": correct.item() / n, "loss": loss_sum.item() / n}

@@ -122,11 +122,11 @@ def write_exports(model: nn.Module, stage_dir: Path, formats: list[str],
         raise
     except Exception as e:  # the exporters raise many kinds; the stage still finishes
         log.warning("export: %s not exported (%s); exported: %s", type(model).__name__,
-                    _root_cause(e), sorted(written) or "none")
+                    root_cause(e), sorted(written) or "none")
     return written
 
 
-def _root_cause(e: BaseException) -> str:
+def root_cause(e: BaseException) -> str:
     """The innermost cause's first line: torch.onnx wraps the reason in a generic 'Failed to
     export the model with torch.export' error."""
     while e.__cause__ is not None:

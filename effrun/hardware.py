@@ -66,6 +66,9 @@ class Hardware:
     deterministic: bool = False
     # glibc keeps freed memory for reuse: no page faults on big buffers each step (CPU)
     reuse_freed_memory: bool = True
+    # torchrun: BatchNorm statistics of the whole global batch, not each rank's share of it
+    # (effrun/distributed.py); no effect with one process
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from effrun import artifacts, records
+from effrun import artifacts, distributed, records
+from effrun.data.augment import POLICY_AND_MIX_DEFAULTS
+from effrun.data.splits import SUBSET_DEFAULTS
 from effrun.export import EXPORT_STAGES
 
 
@@ -29,19 +31,34 @@ def stage_config(config, stage: str) -> dict:
     or how fast it runs (compile, threads, memory format). Files (init_from, a teacher) count
     by content: init_from through the parent fingerprint, a teacher by its sha256."""
     c = OmegaConf.to_container(config.raw, resolve=True)
-    dataset = {k: v for k, v in c["dataset"].items() if k not in ("cache_dir", "download")}
+    # dataset.workers only changes speed (stream draws per sample from seed, epoch and index);
+    # loader=memory, the only loader before it existed, is left out so older keys stay the same.
+    dataset = {k: v for k, v in c["dataset"].items() if k not in ("cache_dir", "download")
+               and not (k in SUBSET_DEFAULTS and v == SUBSET_DEFAULTS[k])
+               and k != "workers" and not (k == "loader" and v == "memory")}
+    # Policy and mix keys at their defaults are left out too (keys made before them stay).
+    augmentation = {k: v for k, v in c["augmentation"].items()
+                    if not (k in POLICY_AND_MIX_DEFAULTS and v == POLICY_AND_MIX_DEFAULTS[k])}
     common = {"train": c["train"], "optimizer": c["optimizer"],
-              "augmentation": c["augmentation"], "precision": config.hardware.resolved_precision,
+              "augmentation": augmentation, "precision": config.hardware.resolved_precision,
               "device": config.hardware.torch_device.type, "seed": c["seed"], "dataset": dataset}
     if stage == "benchmark":
         return {"benchmark": c["benchmark"], "hardware": c["hardware"], "dataset": c["dataset"]}
+    if distributed.job_size() > 1 and not config.hardware.sync_bn:
+        # Each rank's BatchNorm layers see only its share of the batch: another result than
+        # one process's (with sync_bn the ranks compute that, up to float rounding).
+        common["batchnorm_ranks"] = distributed.job_size()
     if config.run.export and stage in EXPORT_STAGES:
         # The exported files are part of the stage's outputs: a stage finished (or cached)
         # without them must not stand in for one that writes them. Only when set, so every
         # key made before the key existed stays the same.
         common["export"] = sorted(config.run.export)
     if stage == "train":
-        return {**common, "model": c["model"]}
+        # Data pruning changes what train trains on; only when it keeps a share (keep < 1):
+        # keys made before select existed stay the same, and keep=1 of any method is one key.
+        selected = config.run.select.key()
+        return {**common, "model": c["model"], **({} if selected is None else
+                                                  {"select": selected})}
     method = dict(c["compression"][stage])
     if method.get("teacher"):
         method["teacher"] = content_id(method["teacher"])

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -122,24 +123,62 @@ def measure_latency(
     `min_time_s` of measured time has elapsed. Percentiles use linear interpolation; throughput
     (inputs/s) is batch_size / median latency.
     """
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
-    device = torch.device(device) if device is not None else example.device
-    example = example.to(device)
+    return measure_interleaved({"model": model}, example, warmup=warmup, iters=iters,
+                               min_time_s=min_time_s, rounds=1, device=device)["model"]
+
+
+def measure_interleaved(
+    fns: dict[Any, Callable],
+    example: torch.Tensor | dict[Any, torch.Tensor],
+    *,
+    warmup: int = 5,
+    iters: int = 30,
+    min_time_s: float = 0.0,
+    rounds: int = 5,
+    device: str | torch.device | None = None,
+) -> dict[Any, dict]:
+    """Latency of several callables on one input, timed in interleaved rounds: each round times
+    every callable for about iters / rounds calls (and min_time_s / rounds seconds) in turn, so
+    a load change on a shared machine hits them all alike instead of whichever ran then.
+    `example` is one input for all, or {key: input} (e.g. in each model's memory format);
+    `device`, when given, is where the inputs are moved, else each stays where it is. Each call
+    is synchronised on its input's device (CUDA).
+    Returns {key: figures as measure_latency gives them}, from all of a key's timed calls."""
+    if iters < 1 or rounds < 1:
+        raise ValueError(f"iters and rounds must be >= 1, got {iters} and {rounds}")
+    examples = example if isinstance(example, dict) else dict.fromkeys(fns, example)
+    if device is not None:
+        examples = {key: x.to(device) for key, x in examples.items()}
+    per_round, time_per_round = max(1, -(-iters // rounds)), min_time_s / rounds
+    times_s: dict[Any, list[float]] = {key: [] for key in fns}
+    with contextlib.ExitStack() as stack:
+        for fn in fns.values():
+            stack.enter_context(_eval_mode(fn))
+        stack.enter_context(torch.inference_mode())
+        for key, fn in fns.items():
+            for _ in range(warmup):
+                fn(examples[key])
+            _synchronize(examples[key].device)
+        for _ in range(rounds):
+            for key, fn in fns.items():
+                times_s[key].extend(_timed_calls(fn, examples[key], per_round, time_per_round))
+    return {key: latency_figures(t, examples[key]) for key, t in times_s.items()}
+
+
+def _timed_calls(fn: Callable, example: torch.Tensor, calls: int, min_time_s: float
+                 ) -> list[float]:
+    times: list[float] = []
+    while len(times) < calls or sum(times) < min_time_s:
+        start = time.perf_counter()
+        fn(example)
+        _synchronize(example.device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def latency_figures(times_s: list[float], example: torch.Tensor) -> dict:
+    """p50/p90/p99/mean latency (ms) and throughput of timed calls on `example`."""
     batch_size = example.shape[0] if example.dim() > 0 else 1
-    times_s: list[float] = []
-    with _eval_mode(model), torch.inference_mode():
-        for _ in range(warmup):
-            model(example)
-        _synchronize(device)
-        measured_s = 0.0
-        while len(times_s) < iters or measured_s < min_time_s:
-            start = time.perf_counter()
-            model(example)
-            _synchronize(device)
-            elapsed = time.perf_counter() - start
-            times_s.append(elapsed)
-            measured_s += elapsed
     times_ms = sorted(t * 1000.0 for t in times_s)
     p50 = _percentile(times_ms, 0.50)
     return {

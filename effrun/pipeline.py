@@ -8,10 +8,15 @@ it; training itself resumes from its last per-epoch checkpoint (effrun/checkpoin
 dir is locked and its records written only once the run is accepted (effrun/run_dir.py).
 A model stage computed by an earlier run with the same fingerprint is reused from the stage
 cache (effrun/cache.py); resume_from starts after a finished stage of another run.
+Under torchrun every rank runs this file (effrun/distributed.py): they train together, rank 0
+alone guards and writes the run dir, and quantize and benchmark run on rank 0 while the others
+wait for its records (`distributed.on_main`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -19,7 +24,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from effrun import artifacts, export, records
+from effrun import artifacts, distributed, export, records, select
 from effrun import cache as stage_cache
 from effrun import run_dir as run_dir_guard
 from effrun.benchmark import benchmark_models
@@ -30,8 +35,8 @@ from effrun.measure import model_figures
 from effrun.models.hooks import InitFromData
 from effrun.schema import STAGE_ORDER, EffrunConfig, validate
 from effrun.stage import ModelRecord, StageInputs, StageResult, stage_inputs
-from effrun.summary import headline, print_summary, summarize
-from effrun.tracking import Tracker
+from effrun.summary import fastest_deployable, headline, print_summary, summarize
+from effrun.tracking import NoTracking, Tracker
 
 log = logging.getLogger("effrun")
 # Training images handed to a model's init_from_data hook (airbench: 5000).
@@ -45,18 +50,30 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> l
     dir's lock is ours and no finished stage there was made with another config.
     """
     config = validate(cfg)
+    distributed.per_rank_batch(config.run.train.batch_size)  # torchrun: the ranks split it
     run_dir = Path(run_dir)
     records.resume_stages(config)  # resume_from: only the stages after the one it names
-    with run_dir_guard.locked(run_dir):
-        refuse_changed_stages(config, run_dir)
-        run_dir_guard.write_records(cfg, run_dir, overrides)
+    with contextlib.ExitStack() as held:
+        # Under torchrun rank 0 alone takes the lock and writes the records; its verdict (or
+        # error) reaches every rank.
+        distributed.on_main(accept_run, held, cfg, config, run_dir, overrides)
         return run_stages(config, run_dir)
+
+
+def accept_run(held: contextlib.ExitStack, cfg: DictConfig, config: EffrunConfig,
+               run_dir: Path, overrides: list[str] | None) -> None:
+    """Take the run dir's lock (held until `held` closes), refuse a finished stage made with
+    another config, then write the run's records."""
+    held.enter_context(run_dir_guard.locked(run_dir))
+    refuse_changed_stages(config, run_dir)
+    run_dir_guard.write_records(cfg, run_dir, overrides)
 
 
 def run_stages(config: EffrunConfig, run_dir: Path) -> list[dict]:
     # Tracking opens first: a missing extra or an unreachable server fails before any compute.
     # It only reads what the stages report; it never changes a result.
-    with config.tracking.start(run_dir, config) as tracker:
+    tracking = config.tracking if distributed.is_main() else NoTracking()
+    with tracking.start(run_dir, config) as tracker:
         hw = config.hardware
         hw.setup(config.run.seed)
         log.info("run dir %s | stages %s | device %s", run_dir, config.run.stages,
@@ -72,14 +89,20 @@ def run_stages(config: EffrunConfig, run_dir: Path) -> list[dict]:
 
         bench = None
         if "benchmark" in config.run.stages:
-            bench = run_benchmark_stage(config, run_dir, data, produced or [parent])
+            bench = distributed.on_main(run_benchmark_stage, config, run_dir, data,
+                                        produced or [parent])
         summary = summarize(produced or [parent], bench)
+        if not distributed.is_main():
+            return summary
+        fastest = (fastest_deployable(summary, config.run.benchmark.accuracy_tolerance)
+                   if bench is not None else None)
         artifacts.write_json({"name": config.run.name, "run_dir": str(run_dir),
-                              "records": summary, "headline": headline(summary)},
-                             run_dir / "summary.json")
+                              "records": summary, "headline": headline(summary),
+                              "fastest": fastest}, run_dir / "summary.json")
         if bench is not None:
             tracker.log_benchmark(summary)
-        print_summary(summary, title=f"effrun · {config.run.name} · {run_dir}")
+        print_summary(summary, title=f"effrun · {config.run.name} · {run_dir}",
+                      fastest=fastest)
     return summary
 
 
@@ -95,7 +118,7 @@ def read_artifacts_then_data(config: EffrunConfig) -> tuple[ModelRecord | None, 
         except EffrunError as e:
             raise EffrunError(f"compression.distill.teacher: {e}") from None
     data = config.dataset.load(seed=config.run.seed)
-    log.info("data: %d train / %s val / %d test images of %s, %d classes", len(data.train_y),
+    log.info("data: %d train / %s val / %d test images of %s, %d classes", data.num_train,
              len(data.val_y) if data.val_y is not None else 0, len(data.test_y),
              "x".join(map(str, data.image_size)), data.num_classes)
     if parent is not None and parent.num_classes != data.num_classes:
@@ -146,12 +169,25 @@ def run_model_stage(config: EffrunConfig, stage: str, run_dir: Path, data: DataS
     sdir = stage_dir_for(run_dir, stage)
     scfg = stage_config(config, stage)
     fp = fingerprint({"stage": scfg, "parent": parent.fingerprint if parent else None})
-    done = records.finished_record(sdir, fp)
+    done = distributed.on_main(records.finished_record, sdir, fp)
     if done is not None:
         log.info("%s: already finished in %s, not run again", stage, sdir)
         return done
-    with stage_cache.claim(config.run.cache, stage, fp) as entry:  # other jobs wait here
-        cached = entry.restore(sdir, parent) if entry else None
+    if stage in distributed.SINGLE_PROCESS_STAGES:  # torchrun: rank 0 alone, the others wait
+        return distributed.on_main(cached_or_computed, config, stage, sdir, data, parent,
+                                   scfg, fp, tracker)
+    return cached_or_computed(config, stage, sdir, data, parent, scfg, fp, tracker)
+
+
+def cached_or_computed(config: EffrunConfig, stage: str, sdir: Path, data: DataSplits,
+                       parent: ModelRecord | None, scfg: dict, fp: str,
+                       tracker: Tracker | None) -> ModelRecord:
+    """The stage from the stage cache, else computed and stored there. Under torchrun rank 0
+    alone reads and writes the cache; on a miss every rank computes."""
+    main = distributed.is_main()
+    claim = stage_cache.claim(config.run.cache, stage, fp) if main else contextlib.nullcontext()
+    with claim as entry:  # other jobs wait here
+        cached = distributed.on_main(lambda: entry.restore(sdir, parent) if entry else None)
         if cached is not None:
             return cached
         record = compute_model_stage(config, stage, sdir, data, parent, scfg, fp, tracker)
@@ -167,15 +203,22 @@ def compute_model_stage(config: EffrunConfig, stage: str, sdir: Path, data: Data
     inputs = stage_inputs(config, stage, sdir, data, parent=parent, fingerprint=fp,
                           tracker=tracker)
     sdir.mkdir(parents=True, exist_ok=True)
-    model = parent_model(config, data, parent)
     if stage == "train":
-        result = train_stage(model, inputs)
+        result = train_stage(config, inputs, parent)
     else:
+        model = parent_model(config, data, parent)
         method = config.compression[stage]
         log.info("%s: %s", stage, type(method).__name__)
         result = method(model, inputs)
+    # Under torchrun every rank holds the result; rank 0 writes it and sends its record.
+    return distributed.on_main(write_stage, config, stage, sdir, data, parent, scfg, fp,
+                               result.model_config or inputs.model_config, result, started, t0)
 
-    model_config = result.model_config or inputs.model_config
+
+def write_stage(config: EffrunConfig, stage: str, sdir: Path, data: DataSplits,
+                parent: ModelRecord | None, scfg: dict, fp: str, model_config: dict,
+                result: StageResult, started: str, t0: float) -> ModelRecord:
+    """The stage's artifact, exports, metrics.json and stage.json; returns its record."""
     meta = {"stage": stage, "model_config": model_config, "num_classes": data.num_classes,
             "deploy": result.deploy.to_meta(), "extra": result.artifact_meta}
     artifact = (result.save or save_state_dict(result.model))(sdir, meta)
@@ -210,10 +253,18 @@ def parent_model(config: EffrunConfig, data: DataSplits, parent: ModelRecord | N
     return model
 
 
-def train_stage(model: torch.nn.Module, inputs: StageInputs) -> StageResult:
-    """The train stage: the spine's loop with the run's settings."""
+def train_stage(config: EffrunConfig, inputs: StageInputs, parent: ModelRecord | None
+                ) -> StageResult:
+    """The train stage: the data it trains on (all of the train split, or the share that
+    `select.*` keeps: effrun/select.py), then the spine's loop with the run's settings. Its
+    model is built from the kept images only (a model's init_from_data hook sees no others)."""
+    data, selection = select.train_data(config, inputs,
+                                        lambda: parent_model(config, inputs.data, parent))
+    inputs = dataclasses.replace(inputs, data=data)
+    model = parent_model(config, data, parent)
     fitted = inputs.fit(model)
-    return StageResult(model=model, accuracy=fitted["test_accuracy"], metrics=fitted)
+    return StageResult(model=model, accuracy=fitted["test_accuracy"],
+                       metrics={**fitted, **selection})
 
 
 def save_state_dict(model: torch.nn.Module):
@@ -246,7 +297,7 @@ def run_benchmark_stage(config: EffrunConfig, run_dir: Path, data: DataSplits,
         log.info("benchmark: already finished in %s, not run again", sdir)
         return found[1]["models"]
     started, t0 = artifacts.now_iso(), time.perf_counter()
-    results = benchmark_models(models, data, config)
+    results = benchmark_models(models, data, config, sdir)
     artifacts.write_json({"models": results}, sdir / "metrics.json")
     records.write_stage_json(sdir, stage="benchmark", fp=fp, scfg=scfg, parent=models[-1],
                              started=started, seconds=time.perf_counter() - t0, artifact=None,

@@ -51,12 +51,16 @@ def write_stage_json(sdir: Path, *, stage, fp, scfg, parent, started, seconds, a
                      model_config, num_classes) -> None:
     """The stage's record, written last: it marks the stage finished. `sha256` holds the
     digest of each output a later run relies on: the artifact and the files its saver wrote
-    beside it (`<stem>_*`, e.g. quantize's model_aoti.pt2); for the benchmark, metrics.json,
-    and `measured_sha256` the digest of each artifact it measured, by stage."""
+    beside it (`<stem>_*`, e.g. quantize's model_aoti.pt2, and `<stem>.*`, an IR's .bin);
+    for the benchmark, metrics.json, and `measured_sha256` the digest of each artifact it
+    measured, by stage."""
     measured = None
     if artifact is not None:
         stem = Path(artifact).stem
-        names = [artifact, *sorted(p.name for p in sdir.glob(f"{stem}_*") if p.is_file())]
+        # `<stem>.*`: an artifact in several files, e.g. an OpenVINO IR's .xml and its .bin.
+        names = [artifact, *sorted(p.name for p in [*sdir.glob(f"{stem}_*"),
+                                                    *sdir.glob(f"{stem}.*")]
+                                   if p.is_file() and p.name != artifact)]
     else:
         names = [n for n in ("metrics.json",) if (sdir / n).is_file()]
         models = (_read_record(sdir / "metrics.json") or {}).get("models") or []

@@ -19,21 +19,27 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from effrun.errors import ConfigError, EffrunError
+from effrun.errors import ConfigError
+from effrun.run_config import (  # noqa: F401 (the root keys' schemas, re-exported)
+    STAGE_ORDER,
+    TTA_MODES,
+    BenchmarkConfig,
+    CacheConfig,
+    RunConfig,
+    SelectConfig,
+    TrainConfig,
+)
 from effrun.tracking import NoTracking
 
-# The fixed order in which stages run, whatever order `stages` lists them in.
-STAGE_ORDER = ("train", "prune", "distill", "quantize", "benchmark")
 GROUPS = ("dataset", "model", "optimizer", "augmentation", "hardware")
 COMPRESSION_GROUPS = ("prune", "distill", "quantize")
-TTA_MODES = ("none", "flip", "flip_translate")
 # The config dataclasses the option YAMLs extend, by config group (see the module docstring).
 SCHEMAS = {
     "dataset": ("effrun.data.SyntheticData", "effrun.data.CIFAR10Data",
@@ -51,7 +57,9 @@ SCHEMAS = {
                             "effrun.compression.distill.feature.FeatureKD"),
     "compression/quantize": ("effrun.compression.quantize.int8_ptq.Int8PTQ",
                              "effrun.compression.quantize.int8_qat.Int8QAT",
-                             "effrun.compression.quantize.int8_dynamic.Int8Dynamic"),
+                             "effrun.compression.quantize.int8_dynamic.Int8Dynamic",
+                             "effrun.compression.quantize.int8_onnxruntime.Int8OnnxRuntime",
+                             "effrun.compression.quantize.int8_openvino.Int8OpenVINO"),
     "tracking": ("effrun.tracking.NoTracking", "effrun.tracking.TensorBoard",
                  "effrun.tracking.MLflow"),
 }
@@ -60,114 +68,6 @@ SCHEMAS = {
 def config_dir() -> str:
     """The configs shipped inside the package (found by absolute path from anywhere)."""
     return str(Path(__file__).resolve().parent / "configs")
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 4
-    batch_size: int = 64
-    eval_batch_size: int = 500
-    label_smoothing: float = 0.0
-    ema_decay: Optional[float] = None  # e.g. 0.999; evaluation and artifact use the EMA weights
-    grad_clip_norm: Optional[float] = None
-    tta: str = "none"  # test-time augmentation at evaluation: none | flip | flip_translate
-    # Lookahead-style weight averaging (airbench): every `lookahead_every` steps an averaged copy
-    # of the weights moves toward the live ones and the live ones are reset to it. 0 = off.
-    lookahead_every: int = 0
-    # Its decay per optimizer step (airbench: 0.95); an update every N steps decays by
-    # lookahead_decay ** N, ramped in as progress**3.
-    lookahead_decay: float = 0.95
-    # Evaluate on val/test every N epochs (the last epoch always); 0 = only after training.
-    eval_every: int = 1
-
-    def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise ValueError(f"train.epochs must be >= 0, got {self.epochs}")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ValueError("train.batch_size and train.eval_batch_size must be >= 1")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ValueError(f"train.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
-        if self.lookahead_every < 0 or not 0 <= self.lookahead_decay < 1:
-            raise ValueError("train.lookahead_every must be >= 0 and train.lookahead_decay in "
-                             f"[0, 1), got {self.lookahead_every} and {self.lookahead_decay}")
-        if self.eval_every < 0:
-            raise ValueError(f"train.eval_every must be >= 0, got {self.eval_every}")
-        if self.tta not in TTA_MODES:
-            raise ValueError(f"train.tta must be one of {TTA_MODES}, got {self.tta!r}")
-
-
-@dataclass
-class BenchmarkConfig:
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
-    threads: Optional[list[int]] = None  # null = torch's current thread count
-    warmup: int = 5
-    iters: int = 30
-    min_time_s: float = 0.5  # keep timing past `iters` until this long has passed
-    # A batch-1 p50 latency budget (ms) for a search: under the optuna sweeper with one
-    # objective, a trial over it scores -latency / budget instead of its top-1 (effrun.cli).
-    latency_budget_ms: Optional[float] = None
-
-    def __post_init__(self) -> None:
-        if self.latency_budget_ms is not None and not self.latency_budget_ms > 0:
-            raise ValueError("benchmark.latency_budget_ms must be null or > 0 (milliseconds)")
-        if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise ValueError("benchmark.batch_sizes must be a non-empty list of ints >= 1")
-        if self.threads is not None and (not self.threads or min(self.threads) < 1):
-            raise ValueError("benchmark.threads must be null or a non-empty list of ints >= 1")
-        if self.iters < 1 or self.warmup < 0:
-            raise ValueError("benchmark.iters must be >= 1 and benchmark.warmup >= 0")
-
-
-@dataclass
-class CacheConfig:
-    """The stage cache (effrun/cache.py): finished model stages reused across runs."""
-
-    enabled: bool = True
-    # A relative path is relative to the directory effrun is launched from; the tests point
-    # EFFRUN_STAGE_CACHE_DIR at a temp dir.
-    dir: str = "${oc.env:EFFRUN_STAGE_CACHE_DIR,outputs/cache}"
-
-
-@dataclass
-class RunConfig:
-    name: str = "default"
-    stages: list[str] = field(default_factory=lambda: list(STAGE_ORDER))
-    seed: int = 0
-    init_from: Optional[str] = None  # a model artifact (.pt) to start from instead of random init
-    # Artifacts effrun did not write in this run dir (init_from, a distillation teacher) are
-    # scanned and any code in them refused; true loads them as they are (an AOTInductor
-    # package runs a shared library from inside the file).
-    trust_artifact: bool = False
-    # A finished stage dir (or a run dir: its last finished model stage) whose artifact the
-    # configured stages after it continue from; init_from instead trains from given weights.
-    resume_from: Optional[str] = None
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
-    # Deployment formats each float model stage also writes beside model.pt (effrun/export.py):
-    # onnx (model_fp32.onnx), openvino (model_openvino.xml/.bin); needs effrun[deploy].
-    export: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.export:
-            from effrun.export import check_formats
-            try:
-                check_formats(list(self.export))
-            except EffrunError as e:
-                raise ValueError(str(e)) from None
-        if not self.stages:
-            raise ValueError(f"stages must list at least one stage of {list(STAGE_ORDER)}, got []")
-        unknown = [s for s in self.stages if s not in STAGE_ORDER]
-        if unknown:
-            raise ValueError(f"stages: unknown stage {unknown[0]!r}; allowed: {list(STAGE_ORDER)}")
-        if self.init_from is not None and self.resume_from is not None:
-            raise ValueError("init_from and resume_from cannot both be set: init_from trains "
-                             "from given weights, resume_from continues after a finished stage")
-        if len(set(self.stages)) != len(self.stages):
-            raise ValueError(f"stages lists a stage twice: {self.stages}")
-        self.stages = [s for s in STAGE_ORDER if s in self.stages]
 
 
 def schema_node(cls: type, target: str | None = None) -> DictConfig:

@@ -35,6 +35,8 @@ What the benchmark may read from an artifact's metadata is only `Deployment`:
     compare_to       a reference artifact (its float parent) timed point by point beside it
     device           where it must run ("cpu" for the x86 int8 path, also in a CUDA run; the
                      reference is then timed there too); None = the run's device
+    backend          the runtime the artifact is a model of ("onnxruntime", "openvino": an .onnx
+                     or OpenVINO IR file, effrun/backends.py); None = torch
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class Deployment:
     expected_kernels: str | None = None
     compare_to: str | None = None
     device: str | None = None  # where it must run (x86 int8: "cpu"); None = the run's device
+    backend: str | None = None  # "onnxruntime" / "openvino": not a torch model; None = torch
 
     @property
     def native(self) -> bool:

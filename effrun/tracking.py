@@ -91,10 +91,12 @@ class Tracker:
         self.log({tag("stage", stage, k): v for k, v in numbers(metrics).items()}, step=0)
 
     def log_benchmark(self, summary: list[dict]) -> None:
-        """The summary rows (one per model) of a run whose benchmark ran."""
+        """The summary rows (one per model and runtime) of a run whose benchmark ran; a row of
+        another runtime than torch logs as benchmark/<stage>@<backend>/<key>."""
         for row in summary:
-            self.log({tag("benchmark", row["stage"], k): v for k, v in numbers(row).items()},
-                     step=0)
+            name = row["stage"] if row.get("backend", "torch") == "torch" else (
+                f"{row['stage']}@{row['backend']}")
+            self.log({tag("benchmark", name, k): v for k, v in numbers(row).items()}, step=0)
 
     def close(self, run_dir: Path, ok: bool) -> None:
         self._guard("close", self.finish, run_dir, ok)

@@ -20,9 +20,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from effrun import distributed
 from effrun.checkpoint import resume as resume_checkpoint
 from effrun.checkpoint import save as save_checkpoint
 from effrun.data import Augmentation, BatchLoader, DataSplits
+from effrun.data.mix import dominant_labels
+from effrun.data.stream import StreamLoader, train_loader
 from effrun.errors import TrainingDiverged
 from effrun.evaluate import evaluate
 from effrun.hardware import Hardware
@@ -97,7 +100,7 @@ class LoopState:
     epochs: int
     desc: str
     checkpoint: Path
-    loader: BatchLoader
+    loader: BatchLoader | StreamLoader
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loss_fn: LossFn
@@ -130,17 +133,20 @@ def fit(model: nn.Module, data: DataSplits, *, hw: Hardware, train: TrainConfig,
                        epochs=train.epochs if epochs is None else epochs, loss_fn=loss_fn,
                        after_step=after_step, desc=desc)
     resume_checkpoint(loop, fingerprint)
-    step_model = hw.maybe_compile(loop.model)
-    for epoch in range(loop.start_epoch, loop.epochs):
-        record = _train_epoch(loop, step_model, epoch)
-        eval_note = _evaluate_epoch(loop, data, epoch, record)
-        loop.history.append(record)
-        log.info("%s epoch %d/%d  loss %.4f  train acc %.4f%s  %.0f img/s  %.1fs", desc,
-                 epoch + 1, loop.epochs, record["train_loss"], record["train_accuracy"],
-                 eval_note, record["images_per_s"], record["seconds"])
-        save_checkpoint(loop, epoch, fingerprint)
-        if on_epoch is not None:
-            on_epoch(dict(record))  # a copy: the history stays the loop's own
+    # Under torchrun the steps run through DDP (a model a stage changed is wrapped afresh);
+    # loop.model stays the plain module: what is evaluated, checkpointed and saved.
+    with distributed.data_parallel(loop.model, sync_bn=hw.sync_bn) as trained:
+        step_model = hw.maybe_compile(trained)
+        for epoch in range(loop.start_epoch, loop.epochs):
+            record = _train_epoch(loop, step_model, epoch)
+            eval_note = _evaluate_epoch(loop, data, epoch, record)
+            loop.history.append(record)
+            log.info("%s epoch %d/%d  loss %.4f  train acc %.4f%s  %.0f img/s  %.1fs", desc,
+                     epoch + 1, loop.epochs, record["train_loss"], record["train_accuracy"],
+                     eval_note, record["images_per_s"], record["seconds"])
+            save_checkpoint(loop, epoch, fingerprint)
+            if on_epoch is not None:
+                on_epoch(dict(record))  # a copy: the history stays the loop's own
     return _final_result(loop, data)
 
 
@@ -148,11 +154,11 @@ def _build_loop(model: nn.Module, data: DataSplits, *, hw: Hardware, train: Trai
                 optimizer: OptimizerBase, augment: Augmentation | None, checkpoint: Path,
                 seed: int, epochs: int, loss_fn: LossFn | None, after_step: StepHook | None,
                 desc: str) -> LoopState:
-    n = len(data.train_y)
-    loader = BatchLoader(data.train_x, data.train_y, train.batch_size, mean=data.mean,
-                         std=data.std, shuffle=True, drop_last=n > train.batch_size,
-                         augment=augment, device=hw.torch_device,
-                         channels_last=hw.channels_last, seed=seed)
+    # train.batch_size is the global batch: under torchrun each rank takes its share of it.
+    rank, world = distributed.rank_and_world()
+    loader = train_loader(data, distributed.per_rank_batch(train.batch_size), augment=augment,
+                          device=hw.torch_device, channels_last=hw.channels_last, seed=seed,
+                          rank=rank, world_size=world)
     opt = optimizer.build(model, batch_size=train.batch_size)
     steps_per_epoch = len(loader)
     sched = optimizer.scheduler(opt, max(1, epochs * steps_per_epoch), steps_per_epoch)
@@ -161,7 +167,9 @@ def _build_loop(model: nn.Module, data: DataSplits, *, hw: Hardware, train: Trai
                            train.lookahead_decay ** train.lookahead_every)
                  if train.lookahead_every else None)
     if loss_fn is None:
-        ce = nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)
+        # dataset.balance=loss_weights: per-class weights (effrun/data/subset.py); else None.
+        weight = None if data.class_weights is None else data.class_weights.to(hw.torch_device)
+        ce = nn.CrossEntropyLoss(weight=weight, label_smoothing=train.label_smoothing)
         loss_fn = lambda logits, inputs, labels: ce(logits, labels)  # noqa: E731
     return LoopState(model=model, hw=hw, train=train, epochs=epochs, desc=desc,
                      checkpoint=checkpoint, loader=loader, optimizer=opt, scheduler=sched,
@@ -194,7 +202,8 @@ def _train_epoch(loop: LoopState, step_model: Callable, epoch: int) -> dict:
         step = epoch * loop.steps_per_epoch + i + 1
         loss, logits = _train_step(loop, step_model, inputs, labels, step)
         loss_sum += loss.detach() * len(labels)
-        correct += (logits.detach().argmax(1) == labels).sum()
+        # Under mixup/CutMix labels are soft: a prediction counts against the dominant label.
+        correct += (logits.detach().argmax(1) == dominant_labels(labels)).sum()
         seen += len(labels)
         if (i + 1) % NAN_CHECK_EVERY == 0 or i + 1 == loop.steps_per_epoch:
             _check_finite(loss_sum, loop.desc, epoch, i, loop.checkpoint)
@@ -204,6 +213,10 @@ def _train_epoch(loop: LoopState, step_model: Callable, epoch: int) -> dict:
                             lr=f"{loop.optimizer.param_groups[0]['lr']:.2e}",
                             ips=f"{seen / (time.perf_counter() - t0):.0f}")
     bar.close()
+    # The epoch's figures over every rank's shard (one collective per epoch).
+    loss_sum, correct, seen = distributed.all_reduce_sum(
+        loss_sum, correct, torch.tensor(float(seen), device=loss_sum.device))
+    seen = int(seen.item())
     seconds = time.perf_counter() - t0
     # CPU seconds of this process (all threads): on a shared machine, the steadier figure.
     cpu_seconds = time.process_time() - cpu0

@@ -26,6 +26,26 @@ def compose_cfg(overrides: list[str] | None = None):
     return compose(overrides)
 
 
+def write_image_tree(root: Path, *, classes: int = 2, per_class: int = 8,
+                     test_per_class: int = 2, size: int = 64, seed: int = 0) -> Path:
+    """A tiny ImageFolder tree of JPEGs, root/{train,test}/c<k>/<i>.jpg: class k is its own
+    colour plus noise, so a small model tells them apart within an epoch. Returns root."""
+    import torch
+    from torchvision.io import encode_jpeg
+
+    gen = torch.Generator().manual_seed(seed)
+    colours = torch.rand(classes, 3, 1, 1, generator=gen) * 200
+    for split, count in (("train", per_class), ("test", test_per_class)):
+        for k in range(classes):
+            (root / split / f"c{k}").mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                noise = torch.rand(3, size, size, generator=gen) * 55
+                image = (colours[k] + noise).to(torch.uint8)
+                (root / split / f"c{k}" / f"{i}.jpg").write_bytes(
+                    encode_jpeg(image, quality=90).numpy().tobytes())
+    return root
+
+
 def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None):
     """`effrun ARGS` in a subprocess (python -m effrun, so the venv's interpreter is used)."""
     full_env = {**os.environ, **(env or {})}

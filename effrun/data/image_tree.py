@@ -31,6 +31,9 @@ _PIL_EXTENSIONS = {".bmp", ".tif", ".tiff", ".ppm", ".pgm"}
 IMAGE_EXTENSIONS = _NATIVE_EXTENSIONS | _PIL_EXTENSIONS
 # torchvision's decoder errors start with "<function>, <source file>:<line>, ".
 _TORCHVISION_PREFIX = re.compile(r"^\w+, \S+:\d+, ")
+# Held-out images with center_crop=c: the shorter side resized to c / 0.875, then the central
+# c x c (224 from 256, the ImageNet evaluation convention).
+EVAL_CROP_FRACTION = 0.875
 
 log = logging.getLogger("effrun")
 
@@ -77,9 +80,11 @@ def scan_split(
     return files, labels, classes
 
 
-def decode_file(path: Path, image_size: int | None = None) -> torch.Tensor:
+def decode_file(path: Path, image_size: int | None = None,
+                center_crop: int | None = None) -> torch.Tensor:
     """One image as uint8 [3, H, W] RGB (grey, alpha and palettes converted), optionally resized
-    to image_size x image_size with antialiased bilinear filtering."""
+    to image_size x image_size with antialiased bilinear filtering, then optionally center-cropped
+    to center_crop x center_crop after resizing its shorter side (EVAL_CROP_FRACTION)."""
     if path.suffix.lower() in _NATIVE_EXTENSIONS:
         # imported where used: torchvision takes seconds to import (its ops import torch._dynamo)
         from torchvision.io import ImageReadMode, decode_image, read_file
@@ -95,7 +100,17 @@ def decode_file(path: Path, image_size: int | None = None) -> torch.Tensor:
             antialias=True, align_corners=False,
         )
         image = resized[0].round().clamp(0, 255).to(torch.uint8)
+    if center_crop is not None:
+        image = _resize_then_center_crop(image, center_crop)
     return image
+
+
+def _resize_then_center_crop(image: torch.Tensor, crop: int) -> torch.Tensor:
+    from torchvision.transforms.v2 import functional as TF
+
+    short_side = max(crop, round(crop / EVAL_CROP_FRACTION))
+    image = TF.resize(image, [short_side], antialias=True)  # an int: the shorter side
+    return TF.center_crop(image, [crop, crop])
 
 
 def _decode_with_pil(path: Path) -> torch.Tensor:
@@ -108,7 +123,8 @@ def _decode_with_pil(path: Path) -> torch.Tensor:
 
 
 def decode_files(files: Sequence[Path], image_size: int | None, desc: str,
-                 skip_bad: bool = False) -> tuple[torch.Tensor, list[int]]:
+                 skip_bad: bool = False, center_crop: int | None = None
+                 ) -> tuple[torch.Tensor, list[int]]:
     """All files as one uint8 [N, 3, H, W] tensor; native sizes must then all agree.
 
     A file that does not decode (truncated, empty, not an image) is an EffrunError naming it;
@@ -122,7 +138,7 @@ def decode_files(files: Sequence[Path], image_size: int | None, desc: str,
         bad: list[int] = []
         for i, path in enumerate(tqdm(files, desc=desc, unit="img", disable=None)):
             try:
-                image = decode_file(path, image_size)
+                image = decode_file(path, image_size, center_crop)
             except Exception as err:  # torchvision's RuntimeError, PIL's OSError, ...
                 if not skip_bad:
                     raise EffrunError(f"cannot decode image {path}: {decode_error(err)} (set "
@@ -180,12 +196,23 @@ def read_image_tree(
     for split in splits:
         files, labels, classes = scan_split(root / split, classes, max_per_class)
         listing[split] = (files, labels)
-    _warn_about_classes(root, listing, classes)
+    warn_about_classes(root, listing, classes)
+    return decode_listing(root, listing, classes, image_size=image_size, cache_dir=cache_dir,
+                          skip_bad=skip_bad)
 
+
+def decode_listing(root: Path, listing: dict[str, tuple[list[Path], list[int]]],
+                   classes: list[str], *, image_size: int | None, cache_dir: Path,
+                   skip_bad: bool = False, center_crop: int | None = None) -> dict:
+    """Decode the files of each named part of `listing` ({name: (files, labels)}, files under
+    root) through the on-disk cache; returns {"classes", "<name>_x", "<name>_y", ...} as
+    read_image_tree does. The cache is read memory-mapped: processes reading the same file
+    (the ranks of a node) share one copy in the page cache."""
+    preprocess = f"size={image_size}" + (f" center_crop={center_crop}" if center_crop else "")
     cache_path = Path(cache_dir).expanduser() / (
-        f"imagefolder-{root.name}-{_tree_key(root, listing, image_size)}.pt"
+        f"imagefolder-{root.name}-{_tree_key(root, listing, preprocess)}.pt"
     )
-    cached = _read_cache(cache_path, splits)
+    cached = _read_cache(cache_path, list(listing))
     if cached is not None:
         cached_skipped = list(cached.pop("skipped", []))
         if cached_skipped and not skip_bad:
@@ -198,7 +225,7 @@ def read_image_tree(
     skipped: list[str] = []
     for split, (files, labels) in listing.items():
         images, bad = decode_files(files, image_size, desc=f"decoding {root.name}/{split}",
-                                   skip_bad=skip_bad)
+                                   skip_bad=skip_bad, center_crop=center_crop)
         bad_set = set(bad)
         tree[f"{split}_x"] = images
         tree[f"{split}_y"] = torch.tensor(
@@ -215,7 +242,7 @@ def _warn_skipped(root: Path, skipped: list[str]) -> None:
                     "(dataset.skip_bad_images=true): %s", len(skipped), root, ", ".join(skipped))
 
 
-def _warn_about_classes(root: Path, listing: dict[str, tuple[list[Path], list[int]]],
+def warn_about_classes(root: Path, listing: dict[str, tuple[list[Path], list[int]]],
                         classes: list[str]) -> None:
     """Warnings (the run goes on) for trees a model can learn little from."""
     if len(classes) == 1:
@@ -229,9 +256,9 @@ def _warn_about_classes(root: Path, listing: dict[str, tuple[list[Path], list[in
 
 
 def _tree_key(
-    root: Path, listing: dict[str, tuple[list[Path], list[int]]], image_size: int | None
+    root: Path, listing: dict[str, tuple[list[Path], list[int]]], preprocess: str
 ) -> str:
-    digest = hashlib.sha256(f"v{_CACHE_FORMAT} size={image_size}\n".encode())
+    digest = hashlib.sha256(f"v{_CACHE_FORMAT} {preprocess}\n".encode())
     for split, (files, labels) in listing.items():
         digest.update(f"[{split}]\n".encode())
         for path, label in zip(files, labels, strict=True):
@@ -245,7 +272,7 @@ def _read_cache(path: Path, splits: Sequence[str]) -> dict | None:
     if not path.is_file():
         return None
     try:
-        tree = torch.load(path, weights_only=True)
+        tree = torch.load(path, weights_only=True, mmap=True)
         for split in splits:
             if tree[f"{split}_x"].dtype != torch.uint8 or f"{split}_y" not in tree:
                 raise ValueError(f"bad tensors for split {split}")

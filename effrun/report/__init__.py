@@ -110,16 +110,22 @@ def collect(paths) -> list[dict]:
                 labels[i] = ", ".join(filter(None, (name, label)))
     rows = []
     for (run_dir, summary, config, _), vals, label in zip(runs, values, labels, strict=True):
-        parent_accuracy = None  # a run's records are its stages in order: each one's parent
+        # A run's records are its stages in order, one row per runtime: each stage's parent is
+        # the stage before it on the same runtime; a row of another runtime than torch is
+        # named <stage>@<runtime>.
+        parent_accuracy: dict[str, float | None] = {}
         for rec in summary.get("records") or []:
             row = {"name": summary.get("name") or config.get("name"), "run_dir": str(run_dir),
                    "seed": config.get("seed"), "label": label or str(summary.get("name") or ""),
                    "swept": vals}
             row.update({k: v for k, v in rec.items() if k not in row})
-            accuracy = rec.get("accuracy")
-            row["delta_accuracy"] = (accuracy - parent_accuracy if None not in
-                                     (accuracy, parent_accuracy) else None)
-            parent_accuracy = accuracy
+            backend = rec.get("backend") or "torch"
+            if backend != "torch":
+                row["stage"] = f"{rec['stage']}@{backend}"
+            accuracy, parent = rec.get("accuracy"), parent_accuracy.get(backend)
+            row["delta_accuracy"] = (accuracy - parent if None not in (accuracy, parent)
+                                     else None)
+            parent_accuracy[backend] = accuracy
             rows.append(row)
     return rows
 
@@ -224,9 +230,10 @@ def pareto(rows: list[dict]) -> list[bool | None]:
 
 def report(paths, out: Path | None = None) -> tuple[list[dict], dict[str, Path]]:
     """Collect, aggregate, mark the Pareto rows and write the four files into `out`."""
-    from effrun.report import writers
+    from effrun.report import data_curve, writers
 
-    rows = aggregate(collect(paths))
+    collected = collect(paths)
+    rows = aggregate(collected)
     for row, mark in zip(rows, pareto(rows), strict=True):
         row["pareto"] = mark
     out = Path(out if out is not None else paths[0])
@@ -239,6 +246,8 @@ def report(paths, out: Path | None = None) -> tuple[list[dict], dict[str, Path]]
     writers.write_md(rows, files["md"])
     writers.write_png(rows, files["png"])
     writers.write_html(rows, files["html"], files["png"])
+    # Runs trained on several shares of their data: accuracy vs data (effrun/report/data_curve)
+    files.update(data_curve.write(collected, out))
     return rows, files
 
 

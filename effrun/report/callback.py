@@ -16,6 +16,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from effrun import distributed
+
 log = logging.getLogger("effrun")
 
 
@@ -23,7 +25,7 @@ class WriteReport(Callback):
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         job_return = kwargs.get("job_return")
         hydra_cfg = getattr(job_return, "hydra_cfg", None)
-        if hydra_cfg is None:
+        if hydra_cfg is None or not distributed.is_main():  # torchrun: rank 0 writes it
             return
         run_dir = Path(hydra_cfg.hydra.runtime.output_dir)
         if (run_dir / "summary.json").is_file():  # absent when the run failed
@@ -31,7 +33,7 @@ class WriteReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        if any(sweep_dir.rglob("summary.json")):
+        if distributed.is_main() and any(sweep_dir.rglob("summary.json")):
             write(sweep_dir, show_table=True)
 
 

@@ -15,12 +15,12 @@ import operator
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from effrun.compile import FUSED_INT8_OP  # noqa: F401
+from effrun.compile import FUSED_INT8_OP, INFERENCE_OPTIONS  # noqa: F401
 from effrun.data import BatchLoader
 from effrun.errors import EffrunError
 from effrun.hardware import Hardware, cpu_int8_isa
@@ -33,7 +33,7 @@ MIN_TORCHAO = (0, 12)
 MAX_BATCH = 4096  # upper bound of the exported dynamic batch dimension
 # Inductor settings the int8 graph must be compiled with: freezing turns weights into constants,
 # which the x86 int8 fusion passes need to prepack them for oneDNN.
-COMPILE_OPTIONS = {"freezing": True}
+COMPILE_OPTIONS = INFERENCE_OPTIONS  # int8 graphs run as float inference compiles
 QUANT_OPS = ("quantized_decomposed.", "onednn.q")
 # The layer types the x86 int8 path runs in int8; other weight layers stay float.
 INT8_LAYERS = (nn.Conv2d, nn.Linear)
@@ -166,19 +166,28 @@ def example_batch(data, batch_size: int = 2) -> torch.Tensor:
     return next(iter(loader))[0]
 
 
-@torch.no_grad()
-def calibrate(gm: torch.fx.GraphModule, data, batches: int, batch_size: int, seed: int) -> int:
-    """Run `batches` shuffled, unaugmented training batches through the observers."""
+def calibration_batches(data, batches: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """The calibration images every static int8 method sees: the first `batches` shuffled,
+    unaugmented, normalized training batches of the seeded loader (one sampler for all, so
+    int8_ptq, int8_onnxruntime and int8_openvino calibrate on the same images)."""
     loader = BatchLoader(data.train_x, data.train_y, batch_size, mean=data.mean, std=data.std,
                          shuffle=True, seed=seed)
     if batches > len(loader):
         log.warning("quantize: %d calibration batches asked, the training set has %d of %d",
                     batches, len(loader), batch_size)
-    done = 0
     for done, (inputs, _) in enumerate(loader, start=1):
-        gm(inputs)
+        yield inputs
         if done >= batches:
             break
+
+
+@torch.no_grad()
+def calibrate(gm: torch.fx.GraphModule, data, batches: int, batch_size: int, seed: int) -> int:
+    """Run `batches` shuffled, unaugmented training batches through the observers."""
+    done = 0
+    for inputs in calibration_batches(data, batches, batch_size, seed):
+        gm(inputs)
+        done += 1
     return done
 
 
