@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cfg, stage_ctx
+from conftest import compose_cfg, run_cli, stage_ctx
 from torch import nn
 
 from effrun import pipeline
@@ -57,7 +57,10 @@ def plain_runtime_logits(path, x: torch.Tensor) -> np.ndarray:
     return compiled(x.numpy())[0]
 
 
-@pytest.mark.parametrize("method", sorted(ARTIFACTS))
+# int8_openvino runs in its own process here (test_openvino_round_trips_through_the_cli): in
+# a pytest worker that had run NNCF's quantization, a later DataLoader worker fork got the
+# worker killed by SIGSEGV under output capture (not with -s; not reproduced outside pytest).
+@pytest.mark.parametrize("method", ["int8_onnxruntime"])
 def test_artifact_round_trips_and_runs_on_the_plain_runtime(tiny, method, tmp_path):
     ctx, model = tiny
     result = METHODS[method](calibration_batches=2, calibration_batch_size=32)(model, ctx)
@@ -90,6 +93,36 @@ def test_artifact_round_trips_and_runs_on_the_plain_runtime(tiny, method, tmp_pa
     assert np.allclose(plain_runtime_logits(artifact, x), out.numpy(), atol=1e-4)
     if method == "int8_onnxruntime":
         check_foreign_onnx(artifact, tmp_path / "foreign.onnx", x)
+
+
+def test_openvino_round_trips_through_the_cli(tmp_path):
+    """effrun stages=[train,quantize] with int8_openvino; the IR and its .bin are recorded, load
+    with their metadata, give the float model's top-1 and run on plain OpenVINO."""
+    run = run_cli([*TINY, "compression/quantize=int8_openvino", "stages=[train,quantize]",
+                   f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                  env={"OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    qdir = tmp_path / "run" / "04_quantize"
+    assert set(json.loads((qdir / "stage.json").read_text())["sha256"]) == {
+        "model_int8_openvino.xml", "model_int8_openvino.bin"}, "both files recorded (cached)"
+    m = json.loads((qdir / "metrics.json").read_text())
+    assert m["calibration_images"] == 64 and m["float_layers"] == []
+    assert m["weight_bytes"] < 0.45 * m["float_weight_bytes"] and abs(m["accuracy_drop"]) <= 0.1
+    int8, meta = load_model(qdir / "model_int8_openvino.xml")
+    assert meta["stage"] == "quantize" and meta["num_classes"] == 10
+    assert (meta["deploy"]["backend"], meta["deploy"]["precision"]) == ("openvino", "int8")
+    assert meta["deploy"]["compare_to"].endswith("01_train/model.pt"), "its float parent"
+    assert meta["extra"]["method"] == "Int8OpenVINO" and int8.backend == "openvino"
+    model = load_model(tmp_path / "run" / "01_train" / "model.pt")[0].eval()
+    data = validate(compose_cfg(TINY)).dataset.load(seed=0)
+    x = sample_images(data)
+    with torch.no_grad():
+        ref, out = model(x), int8(x)
+    spread = (ref.max() - ref.min()).item()
+    assert torch.allclose(out, ref, atol=0.15 * spread), ((out - ref).abs().max(), spread)
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.8
+    assert np.allclose(plain_runtime_logits(qdir / "model_int8_openvino.xml", x), out.numpy(),
+                       atol=1e-4)
 
 
 def check_foreign_onnx(artifact, foreign, x: torch.Tensor) -> None:
