@@ -19,10 +19,7 @@ import logging
 import math
 
 import torch
-from torchvision.transforms import AutoAugment as _TorchvisionAutoAugment
-from torchvision.transforms import AutoAugmentPolicy
 
-from effrun.data.policy_ops import OP_FUNCTIONS
 from effrun.errors import EffrunError
 
 log = logging.getLogger(__name__)
@@ -140,7 +137,7 @@ def apply_ops(images: torch.Tensor, ops: torch.Tensor, magnitudes: torch.Tensor
         if OPS[k] == "Identity":
             continue
         pick = (ops == k).nonzero().squeeze(1)
-        out[pick] = OP_FUNCTIONS[OPS[k]](images[pick], magnitudes[pick])
+        out[pick] = op_functions()[OPS[k]](images[pick], magnitudes[pick])
     return out
 
 
@@ -186,8 +183,18 @@ def _magnitudes(wide: bool, bins: int, size: tuple[int, int], device: torch.devi
 @functools.lru_cache(maxsize=4)
 def _subpolicies(policy: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """torchvision's learned sub-policies as (S, 2) tensors of op index, probability, bin."""
-    learned = _TorchvisionAutoAugment(AutoAugmentPolicy(policy)).policies
+    from torchvision.transforms import AutoAugment, AutoAugmentPolicy
+
+    learned = AutoAugment(AutoAugmentPolicy(policy)).policies
     ops = torch.tensor([[OPS.index(op) for op, _, _ in sub] for sub in learned])
     probs = torch.tensor([[p for _, p, _ in sub] for sub in learned])
     bins = torch.tensor([[b or 0 for _, _, b in sub] for sub in learned])
     return ops, probs, bins
+
+
+def op_functions() -> dict:
+    """The ops by name (effrun/data/policy_ops.py), imported on first use: they need
+    torchvision, which a run without a policy never imports (it costs ~2 s per process)."""
+    from effrun.data.policy_ops import OP_FUNCTIONS
+
+    return OP_FUNCTIONS
