@@ -140,18 +140,28 @@ class BatchLoader:
     def _prepare(self, images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor | slice,
                  epoch: int, host_rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, labels): labels turn soft (N, num_classes) under a mix."""
-        if self.augment is not None:  # op policies (posterize, equalize, ...) need uint8
-            images = self.augment.apply_policy(images, self._generator)
-        # Normalize and augment in float32 so low-precision dtypes only see the final values.
-        inputs = images.float() * self._scale + self._shift
-        if self.augment is not None:
-            if isinstance(idx, slice):
-                idx = torch.arange(idx.start, idx.start + len(images), device=self.device)
-            inputs = self.augment(inputs, self._generator, sample_ids=idx, epoch=epoch,
-                                  seed=self.seed)
-            inputs, labels = self.augment.mix_batch(inputs, labels, self._generator, host_rng,
-                                                    self.num_classes)
-        inputs = inputs.to(self.dtype)
-        if self.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        return inputs, labels
+        if self.augment is not None and isinstance(idx, slice):
+            idx = torch.arange(idx.start, idx.start + len(images), device=self.device)
+        return prepare_batch(self, images, labels, idx, epoch, host_rng)
+
+
+def prepare_batch(loader, images: torch.Tensor, labels: torch.Tensor, sample_ids,
+                  epoch: int, host_rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """The steps every loader (BatchLoader, the streaming one) runs on a uint8 batch on its
+    device: op policy, normalize, crop/flip/cutout in float32, mix, cast, memory format. The
+    loader gives its augmentation, generator, normalization, seed, class count, dtype and
+    channels_last; `host_rng` draws a mix's lambda (None without augmentation)."""
+    augment = loader.augment
+    if augment is not None:  # op policies (posterize, equalize, ...) need uint8
+        images = augment.apply_policy(images, loader._generator)
+    # Normalize and augment in float32 so low-precision dtypes only see the final values.
+    inputs = images.float() * loader._scale + loader._shift
+    if augment is not None:
+        inputs = augment(inputs, loader._generator, sample_ids=sample_ids, epoch=epoch,
+                         seed=loader.seed)
+        inputs, labels = augment.mix_batch(inputs, labels, loader._generator, host_rng,
+                                           loader.num_classes)
+    inputs = inputs.to(loader.dtype)
+    if loader.channels_last:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    return inputs, labels

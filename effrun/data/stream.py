@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from effrun.data.augment import Augmentation
 from effrun.data.image_tree import decode_error, decode_file
-from effrun.data.loader import BatchLoader
+from effrun.data.loader import BatchLoader, prepare_batch
 from effrun.errors import EffrunError
 
 log = logging.getLogger("effrun")
@@ -258,20 +258,11 @@ class StreamLoader:
         uninterrupted one, and each rank draws its own numbers."""
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
+        host_rng = None
         if self.augment is not None:
             self._generator.manual_seed(mixed_seed(self.seed, epoch, batch, self.rank))
-            images = self.augment.apply_policy(images, self._generator)
-        inputs = images.float() * self._scale + self._shift
-        if self.augment is not None:
-            inputs = self.augment(inputs, self._generator, sample_ids=ids.to(self.device),
-                                  epoch=epoch, seed=self.seed)
             host_rng = np.random.default_rng([mixed_seed(self.seed, epoch, batch), self.rank])
-            inputs, labels = self.augment.mix_batch(inputs, labels, self._generator, host_rng,
-                                                    self.num_classes)
-        inputs = inputs.to(self.dtype)
-        if self.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        return inputs, labels
+        return prepare_batch(self, images, labels, ids.to(self.device), epoch, host_rng)
 
 
 def worker_message(err: Exception) -> str:
