@@ -1,6 +1,8 @@
-"""The training loop's checkpoints: written after every epoch, only while every weight and
-statistic is finite, the one before kept as <name>.prev.pt; resuming falls back to that one when
-the newest cannot be loaded, or starts over, saying which in one line.
+"""The training loop's checkpoints: written after every epoch, and with train.checkpoint_every=N
+also every N optimizer steps inside one (with the position there: effrun/epoch_progress.py), so
+a long epoch resumes at its next batch. Written only while every weight and statistic is finite,
+the one before kept as <name>.prev.pt; resuming falls back to that one when the newest cannot be
+loaded, or starts over, saying which in one line.
 
 Under torchrun (effrun/distributed.py) rank 0 writes the checkpoints and every rank resumes
 from the same file; only rank 0 changes the files, once every rank has read them.
@@ -18,6 +20,7 @@ import torch
 
 from effrun import distributed
 from effrun.artifacts import atomic_path, torch_save
+from effrun.epoch_progress import check_position, set_rng_states, where
 from effrun.errors import EffrunError, TrainingDiverged
 
 if TYPE_CHECKING:
@@ -44,9 +47,8 @@ def resume(loop: LoopState, fingerprint: str) -> None:
         distributed.barrier()  # every rank has read the files rank 0 changes next
         if prev_state is not None:
             _restore(loop, prev_state, fingerprint, prev)
-            log.warning("%s: %s %s; resumed from the previous checkpoint %s after epoch "
-                        "%d/%d", loop.desc, ckpt, why, prev.name, loop.start_epoch,
-                        loop.epochs)
+            log.warning("%s: %s %s; resumed from the previous checkpoint %s %s", loop.desc,
+                        ckpt, why, prev.name, where(loop))
             if distributed.is_main():
                 os.replace(prev, ckpt)  # the good one is the current one again
             return
@@ -57,8 +59,7 @@ def resume(loop: LoopState, fingerprint: str) -> None:
             prev.unlink(missing_ok=True)
         return
     _restore(loop, state, fingerprint, ckpt)
-    log.info("%s: resumed from %s after epoch %d/%d", loop.desc, loop.checkpoint,
-             loop.start_epoch, loop.epochs)
+    log.info("%s: resumed from %s %s", loop.desc, loop.checkpoint, where(loop))
 
 
 def prev_checkpoint(checkpoint: Path) -> Path:
@@ -98,14 +99,17 @@ def _restore(loop: LoopState, state: dict, fingerprint: str, path: Path) -> None
     if loop.scaler is not None and state.get("scaler") is not None:
         loop.scaler.load_state_dict(state["scaler"])
     loop.history, loop.start_epoch = state["history"], state["epoch"]
-    torch.set_rng_state(state["rng"].cpu())  # map_location moved it; the setter wants CPU
-    cuda_rng = state.get("cuda_rng")
-    if cuda_rng is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in cuda_rng[:torch.cuda.device_count()]])
+    set_rng_states(state["rng"], state.get("cuda_rng"))
+    position = state.get("position")  # a mid-epoch checkpoint: where in epoch "epoch" it is
+    if position is not None:
+        check_position(loop, position, path)
+        # The RNG states again once the epoch's pass has started (EpochProgress.pending_rng).
+        loop.position = {**position, "rng": state["rng"], "cuda_rng": state.get("cuda_rng")}
 
 
-def save(loop: LoopState, epoch: int, fingerprint: str) -> None:
-    """Everything `resume` needs to continue after `epoch` exactly as an unbroken run would.
+def save(loop: LoopState, epoch: int, fingerprint: str, position: dict | None = None) -> None:
+    """Everything `resume` needs to continue after `epoch` exactly as an unbroken run would;
+    with `position` (effrun/epoch_progress.py), from that point inside `epoch` instead.
 
     Written only when every parameter and float buffer (of the model, its EMA copy and the
     lookahead average) is finite; otherwise training stops and the last good checkpoint stays.
@@ -113,24 +117,27 @@ def save(loop: LoopState, epoch: int, fingerprint: str) -> None:
     turns out unreadable. Every rank checks (their weights are the same); rank 0 writes.
     """
     on_cuda = loop.hw.torch_device.type == "cuda"
-    state = {"fingerprint": fingerprint, "epoch": epoch + 1,
+    state = {"fingerprint": fingerprint, "epoch": epoch + (position is None),
              "model": loop.model.state_dict(), "optimizer": loop.optimizer.state_dict(),
              "scheduler": loop.scheduler.state_dict(),
              "ema": loop.ema.model.state_dict() if loop.ema is not None else {},
              "lookahead": loop.lookahead.state if loop.lookahead is not None else {},
              "scaler": loop.scaler.state_dict() if loop.scaler is not None else None,
              "history": loop.history, "rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if on_cuda else None}
+             "cuda_rng": torch.cuda.get_rng_state_all() if on_cuda else None,
+             "position": position}
     tensors = _checkpointed_tensors(state)
     bad = nonfinite_tensors(tensors)
     ckpt = Path(loop.checkpoint)
     if bad:
+        at = (f"after epoch {epoch + 1}" if position is None
+              else f"at epoch {epoch + 1} step {position['batch']}")
         total = sum(isinstance(v, torch.Tensor) and v.is_floating_point()
                     for v in tensors.values())
         kept = (f"last good checkpoint kept at {ckpt}" if ckpt.exists()
                 else "no checkpoint written")
         raise TrainingDiverged(f"{loop.desc}: NaN/inf in {len(bad)} of {total} weight and "
-                               f"statistics tensors after epoch {epoch + 1} (first: {bad[0]}) "
+                               f"statistics tensors {at} (first: {bad[0]}) "
                                f"although the loss stayed finite; lower optimizer.lr or use "
                                f"hardware.precision=fp32 ({kept})")
     if not distributed.is_main():
@@ -156,10 +163,13 @@ def _keep_as(src: Path, dst: Path) -> None:
 
 def _checkpointed_tensors(state: dict) -> dict[str, torch.Tensor]:
     """The float weights and statistics in a checkpoint, named as in the model ("bn1.
-    running_var"; "ema." / "lookahead." in front for those copies)."""
+    running_var"; "ema." / "lookahead." in front for those copies), and a mid-epoch position's
+    running sums ("position.sums")."""
     named = dict(state.get("model") or {})
     for prefix in ("ema", "lookahead"):
         named.update({f"{prefix}.{k}": v for k, v in (state.get(prefix) or {}).items()})
+    if state.get("position") is not None:
+        named["position.sums"] = state["position"]["sums"]
     return named
 
 

@@ -99,7 +99,8 @@ def _main(cfg: DictConfig) -> dict | float | list[float] | None:
         if not distributed.is_main():  # torchrun stops the other ranks when one fails
             raise
         what = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
-        print(f"\neffrun: {what}; the last finished epoch is checkpointed. Resume with: effrun "
+        print(f"\neffrun: {what}; training resumes from its last checkpoint (each epoch, or "
+              f"train.checkpoint_every steps). Resume with: effrun "
               f"<same overrides> hydra.run.dir={run_dir}", file=sys.stderr)
         raise
 

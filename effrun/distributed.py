@@ -12,6 +12,9 @@ Who does what:
 - `on_main(fn)`: single-process work (quantize, benchmark, the stage cache) runs on rank 0
   while the others wait, and every rank returns rank 0's result (or raises its error). Inside
   it rank 0 is alone: nothing in it communicates (`rank_and_world` answers rank 0 of 1).
+  `main_only(fn)` is the same with the result kept on rank 0 (the others get None).
+- A quantize method that trains (`trains_across_ranks`: int8_qat) runs on every rank: they
+  fine-tune together, then rank 0 alone compiles, scores and saves (`main_only`).
 """
 
 from __future__ import annotations
@@ -114,6 +117,16 @@ def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """`fn(*args, **kwargs)` computed once, on rank 0, alone; every rank returns its result.
     The others wait meanwhile. An EffrunError or ConfigError there is raised on every rank
     (any other exception is a bug: rank 0 shows its traceback and torchrun stops the others)."""
+    return _alone_on_main(fn, args, kwargs, share=True)
+
+
+def main_only(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+    """As `on_main`, but the result stays on rank 0 (the others return None): for results that
+    only rank 0 writes and that need not, or cannot, be pickled (a model, a saving closure)."""
+    return _alone_on_main(fn, args, kwargs, share=False)
+
+
+def _alone_on_main(fn: Callable[..., T], args: tuple, kwargs: dict, share: bool) -> T | None:
     if rank_and_world()[1] == 1:
         return fn(*args, **kwargs)
     outcome: tuple[str, Any] = ("ok", None)
@@ -125,12 +138,12 @@ def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
             outcome = ("error", e)
         finally:
             _state["alone"] = False
-    kind, value = broadcast_object(outcome)
+    kind, value = broadcast_object(outcome if share or outcome[0] == "error" else ("ok", None))
     if kind == "error":
         if not is_main():
             value.forwarded = True  # rank 0 reports it; see effrun.cli.report_failure
         raise value
-    return value
+    return outcome[1] if is_main() else value
 
 
 def per_rank_batch(batch_size: int, key: str = "train.batch_size") -> int:

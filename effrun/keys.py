@@ -32,14 +32,19 @@ def stage_config(config, stage: str) -> dict:
     by content: init_from through the parent fingerprint, a teacher by its sha256."""
     c = OmegaConf.to_container(config.raw, resolve=True)
     # dataset.workers only changes speed (stream draws per sample from seed, epoch and index);
+    # the loader counts as what it runs (auto decided: another machine may decide otherwise);
     # loader=memory, the only loader before it existed, is left out so older keys stay the same.
+    c["dataset"]["loader"] = config.dataset.resolved_loader()
     dataset = {k: v for k, v in c["dataset"].items() if k not in ("cache_dir", "download")
                and not (k in SUBSET_DEFAULTS and v == SUBSET_DEFAULTS[k])
                and k != "workers" and not (k == "loader" and v == "memory")}
     # Policy and mix keys at their defaults are left out too (keys made before them stay).
     augmentation = {k: v for k, v in c["augmentation"].items()
                     if not (k in POLICY_AND_MIX_DEFAULTS and v == POLICY_AND_MIX_DEFAULTS[k])}
-    common = {"train": c["train"], "optimizer": c["optimizer"],
+    # How often training checkpoints changes nothing it computes (a resume continues exactly):
+    # turning it on to resume a long run must find that run's finished stages.
+    train = {k: v for k, v in c["train"].items() if k != "checkpoint_every"}
+    common = {"train": train, "optimizer": c["optimizer"],
               "augmentation": augmentation, "precision": config.hardware.resolved_precision,
               "device": config.hardware.torch_device.type, "seed": c["seed"], "dataset": dataset}
     if stage == "benchmark":

@@ -4,13 +4,14 @@ Each model-producing stage is `result = method(model, inputs)` (the contract: ef
 the pipeline writes <run_dir>/<NN>_<stage>/ from the result: the model artifact, metrics.json
 and stage.json. A stage whose stage.json says it finished with the same config, with its
 outputs there unchanged (effrun/records.py), is not run again, so rerunning a run dir resumes
-it; training itself resumes from its last per-epoch checkpoint (effrun/checkpoint.py). The run
+it; training itself resumes from its last checkpoint, written after each epoch and, with
+train.checkpoint_every, inside one (effrun/checkpoint.py). The run
 dir is locked and its records written only once the run is accepted (effrun/run_dir.py).
 A model stage computed by an earlier run with the same fingerprint is reused from the stage
 cache (effrun/cache.py); resume_from starts after a finished stage of another run.
 Under torchrun every rank runs this file (effrun/distributed.py): they train together, rank 0
 alone guards and writes the run dir, and quantize and benchmark run on rank 0 while the others
-wait for its records (`distributed.on_main`).
+wait for its records (`distributed.on_main`); int8_qat's ranks fine-tune together first.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> l
     """
     config = validate(cfg)
     distributed.per_rank_batch(config.run.train.batch_size)  # torchrun: the ranks split it
+    config.dataset.resolved_loader()  # loader=auto decided here, on every rank (rank 0's)
     run_dir = Path(run_dir)
     records.resume_stages(config)  # resume_from: only the stages after the one it names
     with contextlib.ExitStack() as held:
@@ -173,10 +175,18 @@ def run_model_stage(config: EffrunConfig, stage: str, run_dir: Path, data: DataS
     if done is not None:
         log.info("%s: already finished in %s, not run again", stage, sdir)
         return done
-    if stage in distributed.SINGLE_PROCESS_STAGES:  # torchrun: rank 0 alone, the others wait
+    if single_process(config, stage):  # torchrun: rank 0 alone, the others wait
         return distributed.on_main(cached_or_computed, config, stage, sdir, data, parent,
                                    scfg, fp, tracker)
     return cached_or_computed(config, stage, sdir, data, parent, scfg, fp, tracker)
+
+
+def single_process(config: EffrunConfig, stage: str) -> bool:
+    """Whether rank 0 computes `stage` alone under torchrun: quantize and benchmark, except a
+    quantize method that trains (int8_qat), whose ranks fine-tune together."""
+    method = config.compression.get(stage)
+    return (stage in distributed.SINGLE_PROCESS_STAGES
+            and not getattr(method, "trains_across_ranks", False))
 
 
 def cached_or_computed(config: EffrunConfig, stage: str, sdir: Path, data: DataSplits,
@@ -210,15 +220,17 @@ def compute_model_stage(config: EffrunConfig, stage: str, sdir: Path, data: Data
         method = config.compression[stage]
         log.info("%s: %s", stage, type(method).__name__)
         result = method(model, inputs)
-    # Under torchrun every rank holds the result; rank 0 writes it and sends its record.
+    # Under torchrun rank 0 holds the result (every rank does after training; a method that
+    # finishes on rank 0 alone returns None elsewhere); rank 0 writes it and sends its record.
     return distributed.on_main(write_stage, config, stage, sdir, data, parent, scfg, fp,
-                               result.model_config or inputs.model_config, result, started, t0)
+                               inputs.model_config, result, started, t0)
 
 
 def write_stage(config: EffrunConfig, stage: str, sdir: Path, data: DataSplits,
-                parent: ModelRecord | None, scfg: dict, fp: str, model_config: dict,
+                parent: ModelRecord | None, scfg: dict, fp: str, parent_config: dict,
                 result: StageResult, started: str, t0: float) -> ModelRecord:
     """The stage's artifact, exports, metrics.json and stage.json; returns its record."""
+    model_config = result.model_config or parent_config
     meta = {"stage": stage, "model_config": model_config, "num_classes": data.num_classes,
             "deploy": result.deploy.to_meta(), "extra": result.artifact_meta}
     artifact = (result.save or save_state_dict(result.model))(sdir, meta)

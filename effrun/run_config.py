@@ -32,6 +32,9 @@ class TrainConfig:
     lookahead_decay: float = 0.95
     # Evaluate on val/test every N epochs (the last epoch always); 0 = only after training.
     eval_every: int = 1
+    # Also checkpoint every N optimizer steps inside an epoch, so a long epoch (ImageNet through
+    # the stream loader) resumes where it stopped; 0 = only at epoch ends.
+    checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -47,6 +50,9 @@ class TrainConfig:
                              f"[0, 1), got {self.lookahead_every} and {self.lookahead_decay}")
         if self.eval_every < 0:
             raise ValueError(f"train.eval_every must be >= 0, got {self.eval_every}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"train.checkpoint_every must be >= 0 (steps; 0 = at epoch ends "
+                             f"only), got {self.checkpoint_every}")
         if self.tta not in TTA_MODES:
             raise ValueError(f"train.tta must be one of {TTA_MODES}, got {self.tta!r}")
 

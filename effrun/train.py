@@ -1,8 +1,10 @@
 """The training loop every stage shares: train, pruning fine-tune, distillation, QAT.
 
-One entry point, `fit`. It checkpoints every epoch (atomically) and resumes from the last
-finished epoch when the checkpoint file exists, so an interrupted run picks up where it stopped and
-ends with the same weights as an uninterrupted one. fp16 scales the loss with a GradScaler.
+One entry point, `fit`. It checkpoints every epoch (atomically), and with
+train.checkpoint_every=N also every N optimizer steps inside one; it resumes from the last
+checkpoint when the file exists (a mid-epoch one at its next batch: effrun/epoch_progress.py),
+so an interrupted run picks up where it stopped and ends with the same weights as an
+uninterrupted one. fp16 scales the loss with a GradScaler.
 A checkpoint is written only while every weight and statistic is finite; the one before it is
 kept as <name>.prev.pt, where resuming falls back to when the newest cannot be loaded.
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,8 @@ from effrun import distributed
 from effrun.checkpoint import resume as resume_checkpoint
 from effrun.checkpoint import save as save_checkpoint
 from effrun.data import Augmentation, BatchLoader, DataSplits
-from effrun.data.mix import dominant_labels
 from effrun.data.stream import StreamLoader, train_loader
+from effrun.epoch_progress import EpochProgress, begin_epoch, checkpoint_due, position_record
 from effrun.errors import TrainingDiverged
 from effrun.evaluate import evaluate
 from effrun.hardware import Hardware
@@ -42,8 +43,6 @@ StepHook = Callable[[nn.Module, int, int], None]
 # on_epoch(record) runs after each finished epoch with its history record (e.g. a tracker).
 EpochHook = Callable[[dict], None]
 NAN_CHECK_EVERY = 25  # steps; checking every step would force a device sync per step
-
-
 
 
 class EMA:
@@ -92,7 +91,8 @@ class Lookahead:
 
 @dataclass
 class LoopState:
-    """One `fit` call's settings and the objects built from them; `_resume` fills the last two."""
+    """One `fit` call's settings and the objects built from them; `resume` fills the last
+    three (`position`: a mid-epoch checkpoint's, until its epoch starts)."""
 
     model: nn.Module
     hw: Hardware
@@ -110,6 +110,7 @@ class LoopState:
     scaler: torch.amp.GradScaler | None
     history: list[dict] = field(default_factory=list)
     start_epoch: int = 0
+    position: dict | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -138,7 +139,7 @@ def fit(model: nn.Module, data: DataSplits, *, hw: Hardware, train: TrainConfig,
     with distributed.data_parallel(loop.model, sync_bn=hw.sync_bn) as trained:
         step_model = hw.maybe_compile(trained)
         for epoch in range(loop.start_epoch, loop.epochs):
-            record = _train_epoch(loop, step_model, epoch)
+            record = _train_epoch(loop, step_model, epoch, fingerprint)
             eval_note = _evaluate_epoch(loop, data, epoch, record)
             loop.history.append(record)
             log.info("%s epoch %d/%d  loss %.4f  train acc %.4f%s  %.0f img/s  %.1fs", desc,
@@ -185,45 +186,37 @@ def _grad_scaler(hw: Hardware) -> torch.amp.GradScaler | None:
     return torch.amp.GradScaler(hw.torch_device.type)
 
 
-def _train_epoch(loop: LoopState, step_model: Callable, epoch: int) -> dict:
-    """One pass over the training data; returns the epoch's history record (no eval yet)."""
+def _train_epoch(loop: LoopState, step_model: Callable, epoch: int, fingerprint: str) -> dict:
+    """One pass over the training data (after a mid-epoch resume, the rest of it), with the
+    mid-epoch checkpoints; returns the epoch's history record (no eval yet)."""
     if isinstance(loop.model, EpochStart):
         loop.model.on_epoch_start(epoch)
     loop.model.train()
-    loop.loader.set_epoch(epoch)
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    # Summed on the device; reading them every step would force a sync per step.
-    loss_sum = torch.zeros((), device=loop.hw.torch_device)
-    correct = torch.zeros((), device=loop.hw.torch_device)
-    seen = 0
+    progress = begin_epoch(loop, epoch)
     bar = tqdm(loop.loader, desc=f"{loop.desc} {epoch + 1}/{loop.epochs}", leave=False,
-               disable=None, dynamic_ncols=True)
-    for i, (inputs, labels) in enumerate(bar):
+               disable=None, dynamic_ncols=True, initial=progress.batch)
+    for i, (inputs, labels) in enumerate(bar, start=progress.batch):
+        progress.batch_drawn()
         step = epoch * loop.steps_per_epoch + i + 1
         loss, logits = _train_step(loop, step_model, inputs, labels, step)
-        loss_sum += loss.detach() * len(labels)
-        # Under mixup/CutMix labels are soft: a prediction counts against the dominant label.
-        correct += (logits.detach().argmax(1) == dominant_labels(labels)).sum()
-        seen += len(labels)
+        progress.add(loss, logits, labels)
         if (i + 1) % NAN_CHECK_EVERY == 0 or i + 1 == loop.steps_per_epoch:
-            _check_finite(loss_sum, loop.desc, epoch, i, loop.checkpoint)
-            # lr is a Python float (no sync): the schedule's current value, as timm shows it.
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
-                            acc=f"{correct.item() / seen:.3f}",
-                            lr=f"{loop.optimizer.param_groups[0]['lr']:.2e}",
-                            ips=f"{seen / (time.perf_counter() - t0):.0f}")
+            _check_finite(progress.loss_sum, loop.desc, epoch, i, loop.checkpoint)
+            _show_progress(bar, loop, progress)
+        if checkpoint_due(loop, step, progress):
+            _check_finite(progress.loss_sum, loop.desc, epoch, i, loop.checkpoint)
+            save_checkpoint(loop, epoch, fingerprint, position_record(loop, progress))
     bar.close()
-    # The epoch's figures over every rank's shard (one collective per epoch).
-    loss_sum, correct, seen = distributed.all_reduce_sum(
-        loss_sum, correct, torch.tensor(float(seen), device=loss_sum.device))
-    seen = int(seen.item())
-    seconds = time.perf_counter() - t0
-    # CPU seconds of this process (all threads): on a shared machine, the steadier figure.
-    cpu_seconds = time.process_time() - cpu0
-    return {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(1, seen),
-            "train_accuracy": correct.item() / max(1, seen),
-            "lr": loop.optimizer.param_groups[0]["lr"], "seconds": seconds,
-            "cpu_seconds": cpu_seconds, "images_per_s": seen / seconds}
+    return progress.record(loop)
+
+
+def _show_progress(bar: tqdm, loop: LoopState, progress: EpochProgress) -> None:
+    seen = max(1, progress.seen)
+    # lr is a Python float (no sync): the schedule's current value, as timm shows it.
+    bar.set_postfix(loss=f"{progress.loss_sum.item() / seen:.3f}",
+                    acc=f"{progress.correct.item() / seen:.3f}",
+                    lr=f"{loop.optimizer.param_groups[0]['lr']:.2e}",
+                    ips=f"{seen / max(1e-9, progress.seconds()):.0f}")
 
 
 def _train_step(loop: LoopState, step_model: Callable, inputs: torch.Tensor,

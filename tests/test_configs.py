@@ -162,6 +162,7 @@ CHANGED_BY_ISSUE_9 = {
           "benchmark.backends": "new key (issue 12): runtimes timed, torch by default",
           "benchmark.rounds": "new key (issue 12): interleaved timing rounds",
           "benchmark.accuracy_tolerance": "new key (issue 12): naming the fastest deployable",
+          "train.checkpoint_every": "new key (issue 14): checkpoints inside an epoch",
           **{f"dataset.{key}": "new key (issue 13): subsets and class balance, as before"
              for key in ("train_size", "selection", "balance")},
           "select.*": "new keys (issue 13): data pruning in the train stage, off",

@@ -153,6 +153,13 @@ try:
     distributed.on_main(refuse)
 except EffrunError as e:
     (out / f"error{rank}.txt").write_text(f"{e} {getattr(e, 'forwarded', False)}")
+# main_only: rank 0 keeps a result that cannot be pickled; the others get None.
+kept = distributed.main_only(lambda: (lambda: "unpicklable"))
+assert (kept() == "unpicklable") if rank == 0 else kept is None
+try:
+    distributed.main_only(refuse)
+except EffrunError as e:
+    (out / f"main_only_error{rank}.txt").write_text(str(e))
 
 # GlobalBatchNorm on each rank's half batch == BatchNorm on the whole batch, backward included.
 torch.manual_seed(0)
@@ -175,7 +182,8 @@ distributed.finish()
 
 @pytest.mark.slow
 def test_primitives_on_two_ranks(tmp_path):
-    """on_main computes once, on rank 0, and forwards its error to every rank; GlobalBatchNorm
+    """on_main computes once, on rank 0, and forwards its error to every rank (main_only too,
+    keeping its result on rank 0); GlobalBatchNorm
     (hardware.sync_bn on the CPU) on half batches gives BatchNorm's whole-batch output,
     gradients and running statistics."""
     script = tmp_path / "primitives.py"
@@ -188,6 +196,8 @@ def test_primitives_on_two_ranks(tmp_path):
     assert (tmp_path / "error0.txt").read_text() == "rank 0 says no False"
     assert (tmp_path / "error1.txt").read_text() == "rank 0 says no True"
     assert (tmp_path / "ok0.txt").exists() and (tmp_path / "ok1.txt").exists()
+    for rank in (0, 1):
+        assert (tmp_path / f"main_only_error{rank}.txt").read_text() == "rank 0 says no"
 
 
 def job_pids(pid: int) -> list[int]:
@@ -293,3 +303,33 @@ def test_whole_study_under_torchrun(tmp_path):
     log = (run_dir / "effrun.log").read_text()
     assert log.count("quantize: int8 top-1") == 1
     assert log.count("benchmark: quantize (") == 1
+
+
+# int8_qat's fine-tuning under 2 ranks against 1 process (SMALL: sync_bn, fp32, no augmentation).
+# The float train stage follows one process exactly; QAT's cannot: its BatchNorm is an op inside
+# the exported graph, which sync_bn does not reach, so each rank normalises its half batch, and
+# the fake-quant ranges are rank 0's (DDP broadcasts buffers). Measured: QAT's per-epoch losses
+# within 4.9% of one process's; the bound is 15%.
+QAT_TOLERANCE = 0.15
+
+
+@pytest.mark.slow
+def test_qat_fine_tunes_on_every_rank(tmp_path):
+    """int8_qat under torchrun: every rank fine-tunes (its metrics say 2 ranks: run on rank 0
+    alone it would say 1), rank 0 alone converts, scores and writes the int8 model."""
+    args = [*SMALL, "stages=[train,quantize]", "compression/quantize=int8_qat",
+            "~hydra.callbacks.report"]
+    done = torchrun([*args, f"hydra.run.dir={tmp_path / 'two'}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pipeline.run(compose_cfg(args), tmp_path / "one")
+
+    qat = {name: json.loads((tmp_path / name / "04_quantize" / "metrics.json").read_text())
+           ["qat"] for name in ("one", "two")}
+    assert (qat["one"]["ranks"], qat["two"]["ranks"]) == (1, 2)
+    assert len(qat["two"]["history"]) == len(qat["one"]["history"]) == 2
+    for a, b in zip(qat["one"]["history"], qat["two"]["history"], strict=True):
+        for key in ("train_loss", "test_loss"):
+            assert b[key] == pytest.approx(a[key], rel=QAT_TOLERANCE), (key, a, b)
+    log = (tmp_path / "two" / "effrun.log").read_text()
+    assert log.count("quantize: int8 top-1") == 1 and log.count("quantize:qat epoch 2/2") == 1
+    assert (tmp_path / "two" / "04_quantize" / "model.pt2").is_file()

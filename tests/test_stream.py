@@ -15,6 +15,7 @@ from effrun.data import Augmentation, BatchLoader, ImageFolderData
 from effrun.data.stream import ShardSampler, StreamLoader, train_loader
 from effrun.errors import ConfigError, EffrunError
 from effrun.hardware import Hardware
+from effrun.keys import stage_config
 from effrun.optim import SGD
 from effrun.schema import TrainConfig, validate
 from effrun.train import fit
@@ -146,6 +147,27 @@ def test_auto_picks_by_decoded_size_and_says_why(tree, tmp_path, caplog):
     small = stream_data(tree, tmp_path, loader="auto", memory_budget_gb=1e-6)
     assert small.train_stream is not None and len(small.train_stream) == 18
     assert "dataset.loader=auto: stream (24 images decoded at 40x40" in caplog.text
+
+
+def test_auto_is_keyed_as_what_it_chose(tree, tmp_path):
+    """A stage's key holds the loader auto decided (once): the same key as that loader named
+    outright, so a stage made by `memory` is found again by `auto` where it fits, and a run on
+    a machine where auto streams is not taken for one that held the data in memory."""
+    def train_key(*overrides):
+        config = validate(compose_cfg(["dataset=imagefolder", f"dataset.root={tree}",
+                                       f"dataset.cache_dir={tmp_path / 'cache'}", *overrides]))
+        return stage_config(config, "train")["dataset"], config.dataset
+
+    memory, _ = train_key("dataset.loader=memory")
+    stream, _ = train_key("dataset.loader=stream")
+    fits, fits_data = train_key("dataset.loader=auto")
+    small, small_data = train_key("dataset.loader=auto", "dataset.memory_budget_gb=1e-6")
+    assert "loader" not in memory and stream["loader"] == "stream"
+    assert fits == memory and fits_data.resolved_loader() == "memory"
+    assert {**small, "memory_budget_gb": None} == stream
+    assert small_data.resolved_loader() == "stream"
+    small_data.memory_budget_gb = 1e6  # decided once: what the key said is what loads
+    assert small_data.load(seed=0).train_stream is not None
 
 
 def test_val_and_subsets_carve_as_in_memory(tree, tmp_path):

@@ -85,7 +85,7 @@ class ImageFolderData(ImageTreeBase):
     def load(self, seed: int) -> DataSplits:
         self.validate()
         root = self._tree_root()
-        if self.loader == "memory" or (self.loader == "auto" and self._fits_in_memory(root)):
+        if self.resolved_loader() == "memory":
             return super().load(seed)
         return self._stream_splits(root, seed)
 
@@ -112,13 +112,14 @@ class ImageFolderData(ImageTreeBase):
         processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         return int(available_memory() * MEMORY_SHARE / processes)
 
-    def _fits_in_memory(self, root: Path) -> bool:
+    def _decide_loader(self) -> str:
         """auto's choice, logged with its reason: the decoded size of every split (N x 3 x H x W
         bytes at the decode size) against memory_budget()."""
         if self.crop_size is not None:
             log.info("dataset.loader=auto: stream (dataset.crop_size's random resized crops "
                      "read the source images)")
-            return False
+            return "stream"
+        root = self._tree_root()
         train_files, _, classes = scan_split(root / "train")
         test_files, _, _ = scan_split(root / find_test_split(root), classes)
         if self.image_size is not None:
@@ -130,7 +131,7 @@ class ImageFolderData(ImageTreeBase):
         choice = "memory" if need <= budget else "stream"
         log.info("dataset.loader=auto: %s (%d images decoded at %dx%d take %.2f GB; memory "
                  "budget %.2f GB)", choice, count, height, width, need / 2**30, budget / 2**30)
-        return choice == "memory"
+        return choice
 
     def _stream_splits(self, root: Path, seed: int) -> DataSplits:
         """The train split as files; a decoded sample of it, val and test decoded (cached)."""

@@ -10,8 +10,15 @@ import torch
 
 from effrun.data.augment import Augmentation
 
-# Mixes (seed, epoch) into one generator seed; an odd 64-bit constant spreads nearby seeds.
+# Mixes (seed, epoch, ...) into one generator seed; an odd 64-bit constant spreads nearby seeds.
 _SEED_MIX = 0x9E3779B97F4A7C15
+
+
+def mixed_seed(*values: int) -> int:
+    out = 0
+    for value in values:
+        out = (out * _SEED_MIX + value) % 2**63
+    return out
 
 
 class BatchLoader:
@@ -20,16 +27,21 @@ class BatchLoader:
 
     The uint8 images and labels move to `device` once. Each batch is gathered, converted to
     `dtype`, normalized with `mean`/`std` (0..1 scale, as in DataSplits), augmented as a whole
-    batch, and optionally put in channels_last. Shuffle order and augmentation draw from one
-    torch.Generator on the device, re-seeded from (seed, epoch) at the start of every pass:
-    call `set_epoch(e)` before a pass to pin it; without it passes use epochs 0, 1, 2, ...
+    batch, and optionally put in channels_last. The shuffle order comes from a torch.Generator
+    on the device seeded from (seed, epoch); each batch's augmentation draws from it re-seeded
+    from (seed, epoch, batch, rank), as StreamLoader does. Call `set_epoch(e)` before a pass to
+    pin it; without it passes use epochs 0, 1, 2, ... `state_dict()` is the position (epoch,
+    batches done in it); after `load_state_dict` the next pass continues from there with the
+    batches an uninterrupted pass would have yielded (a mid-epoch resume, effrun/train.py).
 
     With `world_size` > 1 (torchrun, effrun/distributed.py) every rank draws the same order and
     takes every `world_size`-th sample from `rank` on, as torch's DistributedSampler does (the
     order padded with its first samples to a multiple of the world size, so every rank takes
     the same number of steps); `batch_size` is then the rank's share of the global batch, and
     the ranks' batches k together are the global batch k of one process. Augmentation draws
-    then differ per rank.
+    then differ per rank. Draws from (seed, epoch, batch, rank) rather than from one generator
+    running through the pass make the position alone enough to continue a pass: no generator
+    state to store, and none that differs between ranks (the ranks resume from rank 0's file).
     """
 
     def __init__(
@@ -85,7 +97,9 @@ class BatchLoader:
         self._scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1)
         self._shift = (-mean_t / std_t).view(1, -1, 1, 1)
         self._generator = torch.Generator(device=self.device)
-        self._epoch = 0
+        # The next pass's epoch; where the pass under way stands (epoch, batches done); the
+        # batch the next pass starts at (load_state_dict).
+        self._epoch, self._at, self._resume_at = 0, (0, 0), 0
 
     @property
     def num_samples(self) -> int:
@@ -98,11 +112,18 @@ class BatchLoader:
         return math.ceil(self.num_samples / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        self._epoch = epoch
+        self._epoch, self._at, self._resume_at = epoch, (epoch, 0), 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._at[0], "batch": self._at[1]}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._epoch, self._resume_at = int(state["epoch"]), int(state["batch"])
+        self._at = (self._epoch, self._resume_at)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch = self._epoch
-        self._epoch += 1
+        epoch, start = self._epoch, self._resume_at
+        self._epoch, self._resume_at = epoch + 1, 0
         self._generator.manual_seed((self.seed * _SEED_MIX + epoch) % 2**63)
         total = int(self.x.shape[0])
         if self.shuffle:
@@ -110,21 +131,18 @@ class BatchLoader:
         else:
             order = None
         if self.world_size > 1:
-            order = self._shard(order, total)
-            # Augmentation draws its own numbers on each rank (the order above is shared).
-            self._generator.manual_seed(
-                ((self.seed * _SEED_MIX + epoch) * _SEED_MIX + self.rank + 1) % 2**63)
-        # Host-side draws (a mix's lambda and box) need no device sync: numpy, seeded alike.
-        host_rng = np.random.default_rng([(self.seed * _SEED_MIX + epoch) % 2**63, self.rank])
-        for batch in range(len(self)):
-            start = batch * self.batch_size
+            order = self._shard(order, total)  # the same order on every rank, then its share
+        for batch in range(start, len(self)):
+            first = batch * self.batch_size
             if order is None:
-                idx = slice(start, start + self.batch_size)
+                idx = slice(first, first + self.batch_size)
                 images, labels = self.x[idx], self.y[idx]
             else:
-                idx = order[start : start + self.batch_size]
+                idx = order[first : first + self.batch_size]
                 images, labels = self.x[idx], self.y[idx]
-            yield self._prepare(images, labels, idx, epoch, host_rng)
+            self._at = (epoch, batch + 1)
+            yield self._prepare(images, labels, idx, epoch, batch)
+        self._at = (epoch + 1, 0)
 
     def _shard(self, order: torch.Tensor | None, total: int) -> torch.Tensor:
         """This rank's samples of the pass's `order` (None: 0..total-1), DistributedSampler's
@@ -138,10 +156,16 @@ class BatchLoader:
         return order[self.rank :: self.world_size]
 
     def _prepare(self, images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor | slice,
-                 epoch: int, host_rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, labels): labels turn soft (N, num_classes) under a mix."""
-        if self.augment is not None and isinstance(idx, slice):
-            idx = torch.arange(idx.start, idx.start + len(images), device=self.device)
+                 epoch: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels): labels turn soft (N, num_classes) under a mix. Each rank draws
+        its own numbers; host-side draws (a mix's lambda and box) come from numpy, seeded alike,
+        so they need no device sync."""
+        host_rng = None
+        if self.augment is not None:
+            if isinstance(idx, slice):
+                idx = torch.arange(idx.start, idx.start + len(images), device=self.device)
+            self._generator.manual_seed(mixed_seed(self.seed, epoch, batch, self.rank))
+            host_rng = np.random.default_rng([mixed_seed(self.seed, epoch, batch), self.rank])
         return prepare_batch(self, images, labels, idx, epoch, host_rng)
 
 

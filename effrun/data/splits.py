@@ -111,6 +111,22 @@ class DatasetBase:
         if self.balance not in BALANCES:
             raise ValueError(f"dataset.balance must be one of {BALANCES}, got {self.balance!r}")
 
+    def resolved_loader(self) -> str:
+        """`loader` with `auto` decided: "memory" or "stream". Decided once per config, on
+        rank 0 under torchrun (every rank must take the same path; each rank's free memory
+        differs a little), then kept: the stage keys (effrun.keys) hold it, not `auto`."""
+        if self.loader != "auto":
+            return self.loader
+        if getattr(self, "_resolved_loader", None) is None:
+            from effrun import distributed  # the data package stays free of the runner
+
+            self._resolved_loader = distributed.on_main(self._decide_loader)
+        return self._resolved_loader
+
+    def _decide_loader(self) -> str:
+        """auto's choice; a dataset that cannot stream is held in memory."""
+        return "memory"
+
     def _load_full(self, seed: int) -> DataSplits:
         """Return train/test at full size (no val, stats unset); `load` does the rest."""
         raise NotImplementedError(f"{type(self).__name__} must implement _load_full")

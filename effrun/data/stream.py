@@ -11,8 +11,8 @@ calibration, prune importance batches, export shapes, normalization statistics.
 `train_loader` is the one place `fit` gets its training batches: a `BatchLoader` over decoded
 tensors, or a `StreamLoader` with the same interface (`__iter__` yields normalized
 `(inputs, labels)` on the device, `__len__`, `set_epoch`), plus `state_dict`/`load_state_dict`:
-the position within an epoch, so a loader can continue mid-epoch. `fit` checkpoints and resumes
-per epoch, which `set_epoch` covers.
+the position within an epoch, so a loader can continue mid-epoch: `fit` stores it in its
+mid-epoch checkpoints (train.checkpoint_every) and resumes a long epoch at the next batch.
 
 Per sample, in DataLoader worker processes: decode, the dataset's resize (`image_size`) and,
 with `crop_size`, torchvision.transforms.v2's resized crop (RandomResizedCrop's scale and ratio
@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from effrun.data.augment import Augmentation
 from effrun.data.image_tree import decode_error, decode_file
-from effrun.data.loader import BatchLoader, prepare_batch
+from effrun.data.loader import BatchLoader, mixed_seed, prepare_batch
 from effrun.errors import EffrunError
 
 log = logging.getLogger("effrun")
@@ -58,8 +58,6 @@ SAMPLE_IMAGES = 1024
 # RandomResizedCrop's ranges (torchvision's defaults, the ImageNet recipe's).
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
-# Mixes (seed, epoch, index) into one seed; an odd 64-bit constant spreads nearby values.
-_SEED_MIX = 0x9E3779B97F4A7C15
 
 
 @dataclass
@@ -82,13 +80,6 @@ class StreamSource:
 
     def path(self, index: int) -> Path:
         return Path(self.root) / os.fsdecode(self.files[index])
-
-
-def mixed_seed(*values: int) -> int:
-    out = 0
-    for value in values:
-        out = (out * _SEED_MIX + value) % 2**63
-    return out
 
 
 def resized_crop_box(height: int, width: int, rng: random.Random) -> tuple[int, int, int, int]:

@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from effrun import distributed
 from effrun.compile import FUSED_INT8_OP, Compiled, compile_and_list_kernels
 from effrun.compression.quantize import artifact
 from effrun.compression.quantize.common import (
@@ -49,6 +50,9 @@ class Int8Method:
 
     layer_types: ClassVar[tuple] = INT8_LAYERS
     export_in_train_mode: ClassVar[bool] = False
+    # Under torchrun: False = the stage runs on rank 0 alone; True = every rank runs the method
+    # (it trains with DDP) and rank 0 alone finishes it.
+    trains_across_ranks: ClassVar[bool] = False
     key: ClassVar[str] = "compression.quantize"
 
     def quantize(self, exported: torch.fx.GraphModule, inputs: StageInputs,
@@ -61,7 +65,7 @@ class Int8Method:
     def check_data(self, inputs: StageInputs) -> None:
         """Method-specific checks on the run (before any work)."""
 
-    def __call__(self, model: nn.Module, inputs: StageInputs) -> StageResult:
+    def __call__(self, model: nn.Module, inputs: StageInputs) -> StageResult | None:
         info = preflight(model, inputs.hw, float_layers=self.float_layers,
                          layer_types=self.layer_types)
         self.check_data(inputs)
@@ -70,13 +74,23 @@ class Int8Method:
         model = model.cpu().eval()
         example = example_batch(inputs.data)
         # Float and int8 are scored the same way, here and now: plain fp32 CPU, the run's TTA.
+        # Measured before converting: QAT fine-tunes weights it may share with `model`.
         float_acc = inputs.evaluate(model, hw=plain_cpu())["accuracy"]
+        # Under torchrun a method that trains (trains_across_ranks) converts on every rank,
+        # which fine-tune together; rank 0 alone compiles, scores and saves the int8 graph.
+        gm, float_layers, method_figures = self._convert(model, example, inputs, reduce_range)
+        return distributed.main_only(self._finish, model, inputs, example, gm, float_acc, {
+            "preflight": info, "reduce_range": reduce_range, **method_figures,
+            "float_layers": float_layers})
+
+    def _finish(self, model: nn.Module, inputs: StageInputs, example: torch.Tensor,
+                gm: torch.fx.GraphModule, float_acc: float, metrics: dict) -> StageResult:
+        """The converted graph compiled (checking for fused int8 kernels), scored as deployed
+        and described; the result saves it as .pt2 (+ AOTInductor)."""
         figures = ModelFigures(params=count_params(model),
                                flops=count_flops(model, (1, *example.shape[1:])),
                                weight_bytes=0)
         float_size = float_bytes(model)
-        gm, float_layers, method_figures = self._convert(model, example, inputs, reduce_range)
-
         int8 = Int8Model(lean_graph(gm))
         compiled = Compiled(int8, COMPILE_OPTIONS)
         # Compiled at the evaluation batch shape, so that scoring it does not compile again.
@@ -90,15 +104,14 @@ class Int8Method:
         figures.weight_bytes = graph_bytes(int8.gm)
         log.info("quantize: int8 top-1 %.4f (float %.4f), %d -> %d bytes, kernels %s", acc,
                  float_acc, float_size, figures.weight_bytes, kernels)
-        metrics = {"preflight": info, "reduce_range": reduce_range, **method_figures,
-                   "float_accuracy": float_acc, "accuracy_drop": float_acc - acc,
+        metrics = {**metrics, "float_accuracy": float_acc, "accuracy_drop": float_acc - acc,
                    "float_weight_bytes": float_size,
                    "weight_ratio": figures.weight_bytes / float_size,
-                   "fused_int8_kernels": kernels, "float_layers": float_layers}
+                   "fused_int8_kernels": kernels}
         deploy = Deployment(precision="int8", compile_options=COMPILE_OPTIONS,
                             expected_kernels=FUSED_INT8_OP.pattern, device="cpu",
                             compare_to=str(inputs.parent.artifact) if inputs.parent else None)
-        extra = {"method": type(self).__name__, "float_layers": float_layers,
+        extra = {"method": type(self).__name__, "float_layers": metrics["float_layers"],
                  "weight_bytes": figures.weight_bytes, "float_weight_bytes": float_size,
                  "fused_int8_kernels": kernels, "example_shape": list(example.shape)}
 

@@ -1,7 +1,11 @@
 """int8_qat: quantization-aware training, then the same int8 conversion as int8_ptq.
 
 Fake-quant nodes (and conv+BN folding as int8 will see it) are inserted into the exported
-graph, which is fine-tuned with the spine's training loop at a small learning rate.
+graph, which is fine-tuned with the spine's training loop at a small learning rate. Under
+torchrun every rank fine-tunes its shard of each global batch (DDP); rank 0 alone compiles,
+scores and saves the int8 graph. hardware.sync_bn does not reach into the exported graph (its
+BatchNorm is an op, not a layer to swap): each rank normalises with its half batch's statistics
+and DDP keeps every rank on rank 0's running statistics and fake-quant ranges.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from typing import ClassVar
 
 import torch
 
+from effrun import distributed
 from effrun.compression.quantize.base import Int8Method
 from effrun.compression.quantize.common import x86_quantizer
 from effrun.errors import EffrunError
@@ -22,6 +27,7 @@ class Int8QAT(Int8Method):
     lr: float = 0.005  # peak of a cosine schedule without warmup; the run's optimizer otherwise
 
     export_in_train_mode: ClassVar[bool] = True  # BN trains during QAT
+    trains_across_ranks: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         self._check_positive("epochs", self.epochs)
@@ -54,4 +60,5 @@ class Int8QAT(Int8Method):
         move_exported_model_to_eval(prepared)
         return convert_pt2e(prepared.cpu()), {"qat": {
             "epochs": self.epochs, "history": fitted["history"],
+            "ranks": distributed.rank_and_world()[1],  # 1 = not trained across torchrun ranks
             "fake_quant_test_accuracy": fitted["test_accuracy"]}}
