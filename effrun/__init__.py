@@ -1,3 +1,3 @@
 """effrun: one-command deep-learning efficiency studies."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # 0.2: the memory loader draws augmentation per (seed, epoch, batch, rank)

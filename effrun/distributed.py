@@ -2,8 +2,9 @@
 
 torchrun starts one effrun per rank with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
 MASTER_PORT set; `init` (the CLI calls it before Hydra composes) joins them into one process
-group: gloo for CPU tensors, and NCCL for CUDA tensors where a GPU and NCCL are there. Without
-torchrun (or with one rank) nothing here communicates: every query answers rank 0 of 1.
+group: gloo for CPU tensors, and NCCL for CUDA tensors where a GPU and NCCL are there (one
+rank under torchrun too: it trains through DDP in a group of one). Without torchrun nothing
+here communicates: every query answers rank 0 of 1.
 
 Who does what:
 - every rank trains (`data_parallel`: DistributedDataParallel, each rank its shard of every
@@ -46,7 +47,10 @@ def init() -> None:
     """Join torchrun's process group (from its environment variables); a no-op for one rank.
     The CUDA device is the one LOCAL_RANK names. Rank 0's clock names the run dir of all."""
     _state["started"] = time.time()  # this command's start (`started`)
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    # One rank under torchrun joins too (a group of one): it trains through DDP as a larger
+    # job would, e.g. to check the NCCL path on a single GPU. Plain `effrun` joins nothing.
+    by_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    if dist.is_initialized() or not (by_torchrun or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         return
     backend, ranks_here = "gloo", int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     # One rank per GPU; more ranks on a node than GPUs (CPU ranks on a GPU machine): gloo only.
@@ -76,6 +80,13 @@ def rank_and_world() -> tuple[int, int]:
     if _state["alone"] or not dist.is_initialized():
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
+
+
+def describe() -> str:
+    """The torchrun job for the log: "2 ranks (gloo)"; "" without torchrun."""
+    if not dist.is_initialized():
+        return ""
+    return f"{dist.get_world_size()} ranks ({dist.get_backend()})"
 
 
 def job_size() -> int:
@@ -159,10 +170,11 @@ def per_rank_batch(batch_size: int, key: str = "train.batch_size") -> int:
 @contextlib.contextmanager
 def data_parallel(model: nn.Module, sync_bn: bool) -> Iterator[nn.Module]:
     """`model` wrapped for training on every rank: DistributedDataParallel (each rank's
-    gradients averaged over the ranks in backward); the model itself with one rank. With
+    gradients averaged over the ranks in backward); the model itself without torchrun. With
     `sync_bn` its BatchNorm layers use the statistics of the whole global batch while inside
-    (layers sharing the originals' tensors; the originals are put back on exit)."""
-    if rank_and_world()[1] == 1:
+    (layers sharing the originals' tensors; the originals are put back on exit). Under
+    torchrun with one rank it is DDP too (a group of one: the path a larger job takes)."""
+    if _state["alone"] or not dist.is_initialized():
         yield model
         return
     device = next(model.parameters()).device

@@ -78,8 +78,9 @@ def run_stages(config: EffrunConfig, run_dir: Path) -> list[dict]:
     with tracking.start(run_dir, config) as tracker:
         hw = config.hardware
         hw.setup(config.run.seed)
-        log.info("run dir %s | stages %s | device %s", run_dir, config.run.stages,
-                 hw.torch_device)
+        job = distributed.describe()
+        log.info("run dir %s | stages %s | device %s%s", run_dir, config.run.stages,
+                 hw.torch_device, f" | torchrun {job}" if job else "")
         parent, data = read_artifacts_then_data(config)
         produced: list[ModelRecord] = []
         for stage in config.run.stages:

@@ -91,6 +91,18 @@ def test_two_ranks_follow_one_process_and_write_once(tmp_path):
     assert done.stdout.count("effrun · smoke") == 1, "the summary table printed twice"
 
 
+def test_one_rank_under_torchrun_trains_through_ddp(tmp_path):
+    """torchrun with one rank joins a group of one and trains through DDP (the path a GPU
+    job with one rank checks NCCL on), as one process would."""
+    (tmp_path / "ddp").mkdir()
+    done = torchrun([*SMALL, "~hydra.callbacks.report"], tmp_path / "ddp", nproc=1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (one_rank,) = list((tmp_path / "ddp" / "outputs" / "smoke").iterdir())
+    assert "| torchrun 1 ranks (gloo)" in (one_rank / "effrun.log").read_text()
+    pipeline.run(compose_cfg(SMALL), tmp_path / "one")
+    assert_same_trajectory(tmp_path / "one", one_rank, epochs=3)
+
+
 def test_global_batch_not_divisible_by_ranks_is_one_config_error(tmp_path, monkeypatch):
     """(d) in this process, posing as rank 0 of 2: refused before the run dir is touched. The
     same through torchrun: test_torchrun_refuses_an_odd_global_batch (slow)."""

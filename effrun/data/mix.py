@@ -11,8 +11,8 @@ such probability targets (label smoothing included), and a loss that only reads 
 targets of a cross entropy (the distillation losses) works unchanged.
 
 lambda and the box are drawn on the host from a numpy generator the loader seeds from
-(seed, epoch), so a GPU loader needs no device sync per batch; the permutation comes from the
-loader's device generator.
+(seed, epoch, batch, rank), so a GPU loader needs no device sync per batch; the permutation
+comes from the loader's device generator.
 """
 
 from __future__ import annotations
