@@ -216,7 +216,6 @@ TWO_RANKS = textwrap.dedent('''
     from effrun import distributed
     from effrun.data import Augmentation, SyntheticData
     from effrun.hardware import Hardware
-from effrun.keys import fingerprint, stage_config
     from effrun.optim import SGD
     from effrun.schema import TrainConfig
     from effrun.train import fit
