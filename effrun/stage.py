@@ -23,7 +23,11 @@ Every model-producing stage (train, prune, distill, quantize) is a call
     note           a one-line caveat printed under the summary table
 
 The pipeline writes metrics.json, stage.json and the artifact from the result; the artifact's
-metadata is `{"stage", "model_config", "num_classes", "deploy", **artifact_meta}`.
+metadata is `{"stage", "model_config", "num_classes", "deploy", **artifact_meta}`. Under torchrun
+every rank calls the train, prune and distill methods, and a quantize method that trains
+(`trains_across_ranks`: int8_qat; the others run on rank 0 alone); rank 0 writes the result.
+A method that finishes on rank 0 alone (int8_qat compiles, scores and saves there) returns None
+on the other ranks.
 
 What the benchmark may read from an artifact's metadata is only `Deployment`:
     precision        "float": runs as the run trains (autocast precision, memory format);
