@@ -259,10 +259,12 @@ def test_without_sync_bn_the_ranks_train_another_model(tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_of_the_job_then_a_rerun_resumes(tmp_path):
-    """(b) kill -9 of torchrun and both ranks after the first checkpoint; the same command on
-    the same run dir resumes from it (every rank reads it) and finishes."""
+    """(b) kill -9 of torchrun and both ranks after the first checkpoint (every 3 steps of 16
+    per epoch: most likely inside an epoch); the same command on the same run dir resumes from
+    it (every rank reads it) and ends with the history of an unbroken 2-rank run."""
     run_dir = tmp_path / "run"
-    args = [*SMALL, "train.epochs=8", "dataset.num_train=512", f"hydra.run.dir={run_dir}"]
+    args = [*SMALL, "train.epochs=8", "dataset.num_train=512", "train.checkpoint_every=3",
+            f"hydra.run.dir={run_dir}"]
     job = torchrun(args, tmp_path, wait=False)
     checkpoint = run_dir / "01_train" / "checkpoint.pt"
     deadline = time.monotonic() + 300
@@ -279,9 +281,14 @@ def test_kill_9_of_the_job_then_a_rerun_resumes(tmp_path):
     done = torchrun(args, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     log = (run_dir / "effrun.log").read_text()
-    assert "train: resumed from" in log and "after epoch" in log
+    assert "train: resumed from" in log
     assert [h["epoch"] for h in history(run_dir)] == list(range(1, 9))
     assert (run_dir / "summary.json").is_file()
+    unbroken = tmp_path / "unbroken"
+    done = torchrun([*args[:-1], f"hydra.run.dir={unbroken}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for a, b in zip(history(unbroken), history(run_dir), strict=True):
+        assert (a["train_loss"], a["test_loss"]) == (b["train_loss"], b["test_loss"]), (a, b)
 
 
 @pytest.mark.slow
