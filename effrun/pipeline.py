@@ -31,10 +31,11 @@ from effrun import run_dir as run_dir_guard
 from effrun.benchmark import benchmark_models
 from effrun.data import BatchLoader, DataSplits, sample_indices
 from effrun.errors import EffrunError
-from effrun.keys import fingerprint, init_fingerprint, stage_config, start_fingerprint
+from effrun.keys import fingerprint, init_fingerprint, stage_config
 from effrun.measure import model_figures
 from effrun.models.hooks import InitFromData
-from effrun.schema import STAGE_ORDER, EffrunConfig, validate
+from effrun.run_dir import stage_dir_for
+from effrun.schema import EffrunConfig, validate
 from effrun.stage import ModelRecord, StageInputs, StageResult, stage_inputs
 from effrun.summary import fastest_deployable, headline, print_summary, summarize
 from effrun.tracking import NoTracking, Tracker
@@ -58,17 +59,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> l
     with contextlib.ExitStack() as held:
         # Under torchrun rank 0 alone takes the lock and writes the records; its verdict (or
         # error) reaches every rank.
-        distributed.on_main(accept_run, held, cfg, config, run_dir, overrides)
+        distributed.on_main(run_dir_guard.accept_run, held, cfg, config, run_dir, overrides)
         return run_stages(config, run_dir)
-
-
-def accept_run(held: contextlib.ExitStack, cfg: DictConfig, config: EffrunConfig,
-               run_dir: Path, overrides: list[str] | None) -> None:
-    """Take the run dir's lock (held until `held` closes), refuse a finished stage made with
-    another config, then write the run's records."""
-    held.enter_context(run_dir_guard.locked(run_dir))
-    refuse_changed_stages(config, run_dir)
-    run_dir_guard.write_records(cfg, run_dir, overrides)
 
 
 def run_stages(config: EffrunConfig, run_dir: Path) -> list[dict]:
@@ -129,29 +121,6 @@ def read_artifacts_then_data(config: EffrunConfig) -> tuple[ModelRecord | None, 
         raise EffrunError(f"{key}={given} has {parent.num_classes} classes "
                           f"but the data has {data.num_classes}")
     return parent, data
-
-
-def refuse_changed_stages(config: EffrunConfig, run_dir: Path) -> None:
-    """Before anything is written: a finished model stage in this run dir whose config differs
-    from this run's is refused (one line), as the stage itself would refuse it mid-run."""
-    parent_fp = start_fingerprint(config)
-    for stage in config.run.stages:
-        if stage == "benchmark":
-            continue
-        fp = fingerprint({"stage": stage_config(config, stage), "parent": parent_fp})
-        info_path = stage_dir_for(run_dir, stage) / "stage.json"
-        try:
-            finished = artifacts.read_json(info_path).get("fingerprint")
-        except (OSError, ValueError):  # absent or unreadable: the stage runs (again)
-            finished = None
-        if finished not in (None, fp):
-            raise EffrunError(f"{info_path.parent} holds a finished {stage!r} stage made with a "
-                              f"different config: use a new hydra.run.dir")
-        parent_fp = fp
-
-
-def stage_dir_for(run_dir: Path, stage: str) -> Path:
-    return run_dir / f"{STAGE_ORDER.index(stage) + 1:02d}_{stage}"
 
 
 def initial_record(config: EffrunConfig) -> ModelRecord:
