@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_cfg, run_cli
+from conftest import compose_cfg, run_cli_here
 
 from effrun import cache, cache_cli, keys, pipeline
 from effrun.artifacts import sha256_file
@@ -239,10 +239,11 @@ def test_the_key_ignores_where_files_live_and_counts_init_from_by_content(tmp_pa
     assert keys.init_fingerprint(validate(compose_cfg([f"init_from={copy}"]))) != fps[0]
 
 
-def test_a_relative_cache_dir_is_relative_to_the_launch_directory(tmp_path):
+def test_a_relative_cache_dir_is_relative_to_the_launch_directory(tmp_path, monkeypatch):
     """Also when the Hydra job changes into its run dir (hydra.job.chdir=true)."""
-    res = run_cli([*TINY, "stages=[train]", "hydra.job.chdir=true",
-                   f"hydra.run.dir={tmp_path / 'run'}", "cache.dir=rel/cache"], cwd=tmp_path)
+    res = run_cli_here([*TINY, "stages=[train]", "hydra.job.chdir=true",
+                        f"hydra.run.dir={tmp_path / 'run'}", "cache.dir=rel/cache"], tmp_path,
+                       monkeypatch)
     assert res.returncode == 0, res.stderr
     assert len(list((tmp_path / "rel" / "cache").glob("train-*/manifest.json"))) == 1
     assert not (tmp_path / "run" / "rel").exists()

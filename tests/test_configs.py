@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS, compose_cfg, options, run_cli
+from conftest import CONFIGS, compose_cfg, options, run_cli, run_cli_here
 from hydra.errors import ConfigCompositionException
 from hydra.utils import get_class
 from omegaconf import OmegaConf
@@ -70,25 +70,26 @@ def test_stages_run_in_fixed_order():
     assert r.run.stages == ["train", "benchmark"]
 
 
-def test_cli_bad_config_short_message_no_traceback(tmp_path):
-    res = run_cli(["model.depth=abc", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+def test_cli_bad_config_short_message_no_traceback(tmp_path, monkeypatch):
+    res = run_cli_here(["model.depth=abc", f"hydra.run.dir={tmp_path}/run"], tmp_path,
+                       monkeypatch)
     assert res.returncode != 0
     assert "model.depth" in res.stderr
     assert "Traceback" not in res.stderr + res.stdout
 
 
-def test_cli_unknown_option_and_key(tmp_path):
-    res = run_cli(["model=resnet9000"], cwd=tmp_path)
+def test_cli_unknown_option_and_key(tmp_path, monkeypatch):
+    res = run_cli_here(["model=resnet9000"], tmp_path, monkeypatch)
     assert res.returncode != 0 and "resnet20" in res.stderr  # Hydra lists the options
     assert "Traceback" not in res.stderr
-    res = run_cli(["train.epochz=3"], cwd=tmp_path)
+    res = run_cli_here(["train.epochz=3"], tmp_path, monkeypatch)
     assert res.returncode != 0 and "epochz" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_cli_help_and_cfg(tmp_path):
-    res = run_cli(["--help"], cwd=tmp_path)
+def test_cli_help_and_cfg(tmp_path, monkeypatch):
+    res = run_cli_here(["--help"], tmp_path, monkeypatch)
     assert res.returncode == 0 and "model: " in res.stdout and "resnet20" in res.stdout
-    res = run_cli(["--cfg", "job", "+experiment=smoke"], cwd=tmp_path)
+    res = run_cli(["--cfg", "job", "+experiment=smoke"], cwd=tmp_path)  # as a process does
     assert res.returncode == 0 and "name: smoke" in res.stdout
     assert not (tmp_path / "outputs").exists()
 
@@ -178,7 +179,8 @@ CHANGED_BY_ISSUE_9 = {
     # smoke is the first run's study on tiny learnable data: it follows the new defaults.
     "smoke": {"dataset.confusion": "", "compression.distill.alpha": "",
               "compression.distill.lr": "", "compression.distill.student": "",
-              "compression.prune.lr": "", "compression.prune.target_macs_ratio": ""},
+              "compression.prune.lr": "", "compression.prune.target_macs_ratio": "",
+              "dataset.image_size": "16 px (after issue 14): the suite's study, 4x cheaper"},
 }
 
 

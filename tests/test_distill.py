@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_cfg, options, run_cli, stage_ctx
+from conftest import compose_cfg, options, run_cli_here, stage_ctx
 
 from effrun import pipeline
 from effrun.artifacts import load_model, save_model
@@ -153,14 +153,14 @@ def test_feature_unknown_layer_fails_before_training(tmp_path, key):
     assert not (tmp_path / "kd.pt").exists()
 
 
-def test_cli_bad_teacher_is_one_line(tmp_path):
+def test_cli_bad_teacher_is_one_line(tmp_path, monkeypatch):
     teacher = _bad_teacher(tmp_path, "garbage")
     init = save_model(CifarResNet(depth=20, width=8).build(10), tmp_path / "init.pt",
                       model_config=model_config_dict(CifarResNet(depth=20, width=8)),
                       num_classes=10, stage="train")
-    res = run_cli([*TINY, "compression/distill=kd", "stages=[distill]", f"init_from={init}",
-                   f"compression.distill.teacher={teacher}", f"hydra.run.dir={tmp_path}/run"],
-                  cwd=tmp_path)
+    res = run_cli_here([*TINY, "compression/distill=kd", "stages=[distill]",
+                        f"init_from={init}", f"compression.distill.teacher={teacher}",
+                        f"hydra.run.dir={tmp_path}/run"], tmp_path, monkeypatch)
     assert res.returncode == 1 and "compression.distill.teacher" in res.stderr
     assert "Traceback" not in res.stderr + res.stdout
 

@@ -45,11 +45,12 @@ def ov_logits(path, x: np.ndarray) -> np.ndarray:
     return compiled(x)[0]
 
 
-def assert_close(model: nn.Module, onnx_path, ov_path) -> None:
-    """Batch 1 and 5 (the exports were traced at 2: the batch dim is dynamic)."""
+def assert_close(model: nn.Module, onnx_path, ov_path, size: int) -> None:
+    """Batch 1 and 5 of size² images (the exports were traced at 2: the batch dim is
+    dynamic, the image size is the data's)."""
     model.eval()
     for batch in (1, 5):
-        x = torch.randn(batch, 3, 32, 32)
+        x = torch.randn(batch, 3, size, size)
         with torch.no_grad():
             ref = model(x).numpy()
         scale = max(1.0, float(np.abs(ref).max()))
@@ -74,7 +75,8 @@ def test_pipeline_exports_load_without_effrun_match_torch_and_are_recorded(tmp_p
         "onnx": "model_fp32.onnx", "openvino": "model_openvino.xml"}
     model = load_model(sdir / "model.pt")[0]
     assert model.__class__.__name__ == "BasicBlockResNet"
-    assert_close(model, sdir / files[0], sdir / files[2])
+    assert_close(model, sdir / files[0], sdir / files[2],
+                 validate(compose_cfg(overrides)).dataset.image_size)
     # The same config in another run dir is restored from the stage cache, exports included.
     pipeline.run(compose_cfg(overrides), tmp_path / "b")
     for name in files:

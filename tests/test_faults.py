@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cfg, run_cli
+from conftest import compose_cfg, run_cli_here
 from PIL import Image
 
 from effrun import artifacts, pipeline
@@ -263,10 +263,10 @@ def test_run_dir_path_that_is_a_file(where, tmp_path):
     ("stages=[]", 2, "stages"),
     ("init_from=notes.pt", 1, "notes.pt"),
 ])
-def test_cli_prints_one_line_and_exits_non_zero(override, code, words, tmp_path):
+def test_cli_prints_one_line_and_exits_non_zero(override, code, words, tmp_path, monkeypatch):
     (tmp_path / "notes.pt").write_text("not a model\n")
     run_dir = tmp_path / "run"
-    result = run_cli([*TINY, override, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    result = run_cli_here([*TINY, override, f"hydra.run.dir={run_dir}"], tmp_path, monkeypatch)
     assert result.returncode == code, result.stderr
     assert "Traceback" not in result.stderr + result.stdout, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("effrun: error:")]

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, compose_cfg, run_cli
+from conftest import REPO, compose_cfg, run_cli, run_cli_here
 
 from effrun import pipeline
 from effrun.artifacts import load_model, read_model_file
@@ -88,20 +88,20 @@ def test_killed_training_resumes(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     done_epochs = torch.load(ckpt, weights_only=True)["epoch"]
-    assert 1 <= done_epochs < 4 and not (run_dir / "01_train" / "stage.json").exists()
+    assert 1 <= done_epochs < EPOCHS and not (run_dir / "01_train" / "stage.json").exists()
     res = run_cli(training_args(run_dir), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     log = (run_dir / "effrun.log").read_text()
-    assert f"resumed from {ckpt} after epoch {done_epochs}/4" in log
+    assert f"resumed from {ckpt} after epoch {done_epochs}/{EPOCHS}" in log
     history = json.loads((run_dir / "01_train" / "metrics.json").read_text())["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
 
 
-def test_nan_loss_stops_with_clear_message_in_a_run_dir_under_cwd(tmp_path):
+def test_nan_loss_stops_with_clear_message_in_a_run_dir_under_cwd(tmp_path, monkeypatch):
     """Diverged training is a user error: one line, exit 1, no traceback, also in the run's log;
     the run dir is created under the current directory, wherever effrun is run from."""
-    res = run_cli(["+experiment=smoke", "optimizer.lr=1e30", "optimizer.warmup_epochs=0",
-                   "stages=[train]"], cwd=tmp_path)
+    res = run_cli_here(["+experiment=smoke", "optimizer.lr=1e30", "optimizer.warmup_epochs=0",
+                        "dataset.num_train=128", "stages=[train]"], tmp_path, monkeypatch)
     assert res.returncode == 1
     assert "loss became" in res.stderr and "Traceback" not in res.stderr
     (run_dir,) = (tmp_path / "outputs" / "smoke").iterdir()
@@ -116,8 +116,13 @@ def test_validate_accepts_default_config():
     assert config.run.name == "default"
 
 
+EPOCHS = 6  # short epochs (ResNet-8, 256 images), enough to interrupt one after the first
+
+
 def training_args(run_dir) -> list[str]:
-    return ["+experiment=smoke", "train.epochs=4", "stages=[train]", f"hydra.run.dir={run_dir}"]
+    return ["+experiment=smoke", "model.depth=8", "dataset.num_train=256",
+            "dataset.num_test=64", f"train.epochs={EPOCHS}", "stages=[train]",
+            f"hydra.run.dir={run_dir}"]
 
 
 def start_training(run_dir, tmp_path):

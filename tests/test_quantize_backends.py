@@ -47,6 +47,18 @@ def sample_images(data, n: int = 64) -> torch.Tensor:
     return next(iter(loader))[0]
 
 
+def assert_int8_follows_float(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """int8 rounding of a barely trained model: logits on average within 3% of their spread,
+    none off by more than 30%, top-1 mostly the same. A mean, not a max, bounds the typical
+    error: without VNNI (AVX2 only) OpenVINO's int8 kernels put single logits 16% of the spread
+    away (measured on Zen 3; the mean stays 0.3%), while a broken conversion is off everywhere."""
+    spread = (ref.max() - ref.min()).item()
+    error = (out - ref).abs()
+    assert error.mean() <= 0.03 * spread and error.max() <= 0.3 * spread, (
+        error.mean() / spread, error.max() / spread)
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.8
+
+
 def plain_runtime_logits(path, x: torch.Tensor) -> np.ndarray:
     """The artifact run by its runtime's own API reading the file (no effrun code)."""
     if path.suffix == ".onnx":
@@ -84,11 +96,7 @@ def test_artifact_round_trips_and_runs_on_the_plain_runtime(tiny, method, tmp_pa
     x = sample_images(ctx.data)
     with torch.no_grad():
         ref, out = model(x), int8(x)
-    # int8 rounding of a barely trained model: logits within 15% of their spread, top-1
-    # mostly the same.
-    spread = (ref.max() - ref.min()).item()
-    assert torch.allclose(out, ref, atol=0.15 * spread), ((out - ref).abs().max(), spread)
-    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.8
+    assert_int8_follows_float(out, ref)
     assert torch.allclose(result.model(x), out, atol=1e-5), "scored as it is saved"
     assert np.allclose(plain_runtime_logits(artifact, x), out.numpy(), atol=1e-4)
     if method == "int8_onnxruntime":
@@ -118,11 +126,12 @@ def test_openvino_round_trips_through_the_cli(tmp_path):
     x = sample_images(data)
     with torch.no_grad():
         ref, out = model(x), int8(x)
+    assert_int8_follows_float(out, ref)
+    # Same numbers up to the kernels' layout: without VNNI (AVX2), with two threads, OpenVINO's
+    # int8 results on its own defaults and on effrun's (one stream) differed by up to 0.02.
     spread = (ref.max() - ref.min()).item()
-    assert torch.allclose(out, ref, atol=0.15 * spread), ((out - ref).abs().max(), spread)
-    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.8
     assert np.allclose(plain_runtime_logits(qdir / "model_int8_openvino.xml", x), out.numpy(),
-                       atol=1e-4)
+                       atol=max(1e-4, 0.02 * spread))
 
 
 def check_foreign_onnx(artifact, foreign, x: torch.Tensor) -> None:

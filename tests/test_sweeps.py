@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import compose_cfg
+from conftest import compose_cfg, run_cli_here
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -126,12 +126,13 @@ def test_joblib_jobs_split_the_cores_and_a_failed_job_is_listed(tmp_path):
     assert bench["threads"] == threads
 
 
-def test_optuna_search_returns_the_summary_figures(tmp_path):
-    """search_smoke's NSGA-II, 3 trials: optimization_results.yaml's Pareto front holds the
+def test_optuna_search_returns_the_summary_figures(tmp_path, monkeypatch):
+    """search_smoke's NSGA-II, 2 trials: optimization_results.yaml's Pareto front holds the
     figures of the trials' own summary.json (top-1, batch-1 latency of the final model)."""
-    code, out, err = finish(effrun(["-m", "+experiment=search_smoke", "hydra.sweeper.n_trials=3",
-                                    *TINY[1:], "stages=[train,benchmark]",
-                                    "optimizer.lr=interval(0.001,0.01)"], cwd=tmp_path))
+    done = run_cli_here(["-m", "+experiment=search_smoke", "hydra.sweeper.n_trials=2",
+                         *TINY[1:], "stages=[train,benchmark]",
+                         "optimizer.lr=interval(0.001,0.01)"], tmp_path, monkeypatch)
+    code, err = done.returncode, done.stderr
     assert code == 0, err[-3000:]
     sweep = next((tmp_path / "outputs" / "search_smoke" / "multirun").iterdir())
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
@@ -144,7 +145,7 @@ def test_optuna_search_returns_the_summary_figures(tmp_path):
         trials[config["optimizer"]["lr"]] = [head["accuracy"], head["latency_ms_p50_bs1"]]
         assert f"objectives for the optuna sweeper ['maximize', 'minimize']: [{head['accuracy']}"\
             in (job / "effrun.log").read_text()
-    assert len(trials) == 3
+    assert len(trials) == 2
     for solution in results["solutions"]:
         assert trials[solution["params"]["optimizer.lr"]] == solution["values"], (solution, trials)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli_here
 from torch import nn
 
 from effrun import artifacts
@@ -168,11 +168,11 @@ def test_allowed_globals_are_torch_weights_only_globals():
     assert ALLOWED_GLOBALS <= set(_get_allowed_globals())
 
 
-def test_cli_refuses_evil_init_from(exported, tmp_path):
+def test_cli_refuses_evil_init_from(exported, tmp_path, monkeypatch):
     marker = tmp_path / "marker"
     path, member = evil_archives(exported[0], tmp_path, marker)["sample inputs: bare pickle"]
-    r = run_cli(["+experiment=smoke", "stages=[benchmark]", f"init_from={path}",
-                 f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, timeout=120)
+    r = run_cli_here(["+experiment=smoke", "stages=[benchmark]", f"init_from={path}",
+                      f"hydra.run.dir={tmp_path / 'run'}"], REPO, monkeypatch)
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr + r.stdout
     lines = [ln for ln in r.stderr.splitlines() if member in ln]
